@@ -1,0 +1,32 @@
+"""clip_jax: large-batch CLIP / SigLIP / CoCa pretraining in JAX."""
+from setuptools import find_packages, setup
+
+# Direct dependencies, pinned to the versions the test suite runs against.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "clu==0.0.12",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",  # undeclared need of tfds' download_and_prepare
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tensorflow-cpu==2.21.0",  # CLU metric writers and tfds builders import it
+    "tensorboard==2.21.0",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "scikit-learn==1.9.1",  # ships the handwritten-digits images (real-image demo set)
+]
+
+setup(
+    name="clip_jax",
+    version="0.1.0",
+    description="Large-batch image-text pretraining (CLIP, SigLIP, CoCa) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["clip_jax", "clip_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest==9.2.0"]},
+)
