@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make train` and `make test`. Both create the virtual environment first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdirs/tiny_cpu
+CONFIG ?= configs/tiny_cpu.py
+
+.PHONY: setup train test test-all clean
+
+# Re-install only when setup.py changes.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Train the default config on the embedded dataset (prepared on first use), then print the zero-shot report.
+# Re-running resumes from the last checkpoint in $(WORKDIR).
+train: setup
+	$(BIN)/python -m clip_jax.main train --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs tfds_data *.egg-info
