@@ -1,6 +1,7 @@
 """Checkpoints with orbax: async, atomic, keep the last K; each holds the train state, the data iterator state and
 the config, so re-running the same command in the same workdir resumes exactly where it stopped.
 """
+
 import json
 import os
 
@@ -11,68 +12,76 @@ from clip_jax import config as config_lib
 
 
 class CheckpointMismatch(RuntimeError):
-  """The workdir holds a checkpoint of a different model; the message names the differing keys."""
+    """The workdir holds a checkpoint of a different model; the message names the differing keys."""
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, cfg):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save leaves the
-    # previous checkpoint as the latest valid one.
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_ckpts, enable_async_checkpointing=True,
-                                           create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "config"))
+    def __init__(self, workdir: str, cfg):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save leaves the
+        # previous checkpoint as the latest valid one.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_ckpts, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config")
+        )
 
-  def latest_step(self):
-    return self.manager.latest_step()
+    def latest_step(self):
+        return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state, cfg, *, force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(_jsonable(data_state)),
-                              config=ocp.args.JsonSave(cfg.to_dict()))
-    return self.manager.save(step, args=args, force=force)
+    def save(self, step: int, state, data_state, cfg, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_jsonable(data_state)),
+            config=ocp.args.JsonSave(cfg.to_dict()),
+        )
+        return self.manager.save(step, args=args, force=force)
 
-  def restore(self, abstract_state, shardings, cfg, step=None):
-    """(step, state, data_state) from the latest (or given) step, placed with `shardings`; None if none exists."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    saved_cfg = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    check_compatible(saved_cfg, cfg, self.directory)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=ocp.args.JsonRestore()))
-    return step, out["state"], out["data"]
+    def restore(self, abstract_state, shardings, cfg, step=None):
+        """(step, state, data_state) from the latest (or given) step, placed with `shardings`; None if none exists."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        saved_cfg = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        check_compatible(saved_cfg, cfg, self.directory)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+        )
+        return step, out["state"], out["data"]
 
-  def wait(self):
-    self.manager.wait_until_finished()
+    def wait(self):
+        self.manager.wait_until_finished()
 
-  def close(self):
-    self.manager.close()
+    def close(self):
+        self.manager.close()
 
 
 def check_compatible(saved: dict, cfg, where: str) -> None:
-  """A checkpoint can be resumed only by a config whose model (shapes) matches; say which keys differ."""
-  import ml_collections
+    """A checkpoint can be resumed only by a config whose model (shapes) matches; say which keys differ."""
+    import ml_collections
 
-  ours = config_lib.model_fingerprint(cfg)
-  theirs = config_lib.model_fingerprint(ml_collections.ConfigDict(saved))
-  diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in ours.items() if theirs.get(k) != v]
-  if diff:
-    raise CheckpointMismatch(
-        f"the checkpoint in {where} was written by a different model config ({'; '.join(diff[:4])}); "
-        "use a new --workdir, or restore the original config values")
+    ours = config_lib.model_fingerprint(cfg)
+    theirs = config_lib.model_fingerprint(ml_collections.ConfigDict(saved))
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    if diff:
+        raise CheckpointMismatch(
+            f"the checkpoint in {where} was written by a different model config ({'; '.join(diff[:4])}); "
+            "use a new --workdir, or restore the original config values"
+        )
 
 
 def _jsonable(data_state):
-  """Grain iterator states are dicts of ints/strings, or JSON bytes; store them as JSON objects either way."""
-  if isinstance(data_state, (bytes, bytearray)):
-    return {"__json_bytes__": json.loads(data_state.decode())}
-  return data_state
+    """Grain iterator states are dicts of ints/strings, or JSON bytes; store them as JSON objects either way."""
+    if isinstance(data_state, (bytes, bytearray)):
+        return {"__json_bytes__": json.loads(data_state.decode())}
+    return data_state
 
 
 def from_jsonable(data_state):
-  if isinstance(data_state, dict) and "__json_bytes__" in data_state:
-    return json.dumps(data_state["__json_bytes__"]).encode()
-  return data_state
+    if isinstance(data_state, dict) and "__json_bytes__" in data_state:
+        return json.dumps(data_state["__json_bytes__"]).encode()
+    return data_state

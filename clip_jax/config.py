@@ -4,6 +4,7 @@ A config file in configs/ returns `base()` with some values changed. `base()` is
 command-line override that names a key that does not exist fails at once (ml_collections suggests the closest
 key). `validate()` then checks values against each other and the device count before anything is compiled.
 """
+
 import difflib
 import math
 
@@ -14,190 +15,221 @@ LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("ring", "allgather")
 TOKENIZERS = ("hashed_words",)
 DTYPES = ("float32", "bfloat16")
+IMAGE_POOLS = ("gap", "map", "cls")
+TEXT_POOLS = ("eos", "last", "first", "mean")
+POSEMBS = ("learn", "sincos2d")
+SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
 
 
 class ConfigError(ValueError):
-  """A configuration value is wrong; the message names the key and how to fix it."""
+    """A configuration value is wrong; the message names the key and how to fix it."""
 
 
 def base() -> ml_collections.ConfigDict:
-  """Defaults: ViT-B/16 CLIP on a pod-sized batch. Configs override what differs."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # one seed for parameter init, data order and any other randomness
+    """Defaults: ViT-B/16 CLIP on a pod-sized batch. Configs override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for parameter init, data order and any other randomness
 
-  c.batch_size = 32768  # global batch (all devices, all hosts); must divide by the batch-axis device count
-  c.total_steps = 100_000  # optimizer steps
-  c.log_every = 100  # steps between metric writes (metrics leave the device only then)
-  c.eval_every = 5000  # steps between zero-shot evaluations (0 = only at the end)
-  c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
-  c.keep_ckpts = 3  # how many recent checkpoints to keep
+    c.batch_size = 32768  # global batch (all devices, all hosts); must divide by the batch-axis device count
+    c.total_steps = 100_000  # optimizer steps
+    c.log_every = 100  # steps between metric writes (metrics leave the device only then)
+    c.eval_every = 5000  # steps between zero-shot evaluations (0 = only at the end)
+    c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
+    c.keep_ckpts = 3  # how many recent checkpoints to keep
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)
-  c.mesh.fsdp = 1  # size of the 'fsdp' mesh axis (parameters sharded over it; -1 = the rest)
-  # Logical parameter axis -> mesh axis ('' = replicated). One table; changing parallelism never touches models.
-  c.sharding = ml_collections.ConfigDict()
-  c.sharding.embed = "fsdp"  # the model width of every weight: FSDP shards it
-  c.sharding.mlp = ""  # MLP hidden dim
-  c.sharding.heads = ""  # attention heads
-  c.sharding.kv = ""  # per-head dim
-  c.sharding.vocab = ""  # token vocabulary
-  c.sharding.patch = ""  # flattened patch pixels
-  c.sharding.pos = ""  # positions
-  c.sharding.joint = ""  # joint embedding dim
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)
+    c.mesh.fsdp = 1  # size of the 'fsdp' mesh axis (parameters sharded over it; -1 = the rest)
+    # Logical parameter axis -> mesh axis ('' = replicated). One table; changing parallelism never touches models.
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.embed = "fsdp"  # the model width of every weight: FSDP shards it
+    c.sharding.mlp = ""  # MLP hidden dim
+    c.sharding.heads = ""  # attention heads
+    c.sharding.kv = ""  # per-head dim
+    c.sharding.vocab = ""  # token vocabulary
+    c.sharding.patch = ""  # flattened patch pixels
+    c.sharding.pos = ""  # positions
+    c.sharding.joint = ""  # joint embedding dim
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "clip_shapes"  # tfds dataset name (prepared under data_dir; the embedded sets are built on demand)
-  c.data.data_dir = "tfds_data"  # tfds data_dir; nothing is ever downloaded
-  c.data.train_split = "train"  # tfds split for training
-  c.data.image_key = "image"  # feature holding the image
-  c.data.text_key = "caption"  # feature holding the caption
-  c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
-  c.data.prefetch = 2  # batches prepared ahead of the train step
+    c.data = ml_collections.ConfigDict()
+    c.data.name = (
+        "clip_shapes"  # tfds dataset name (prepared under data_dir; the embedded sets are built on demand)
+    )
+    c.data.data_dir = "tfds_data"  # tfds data_dir; nothing is ever downloaded
+    c.data.train_split = "train"  # tfds split for training
+    c.data.image_key = "image"  # feature holding the image
+    c.data.text_key = "caption"  # feature holding the caption
+    c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
+    c.data.prefetch = 2  # batches prepared ahead of the train step
 
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
 
-  c.model = ml_collections.ConfigDict()
-  c.model.embed_dim = 512  # joint embedding dim
-  c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
-  c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
-  c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
-  c.model.remat = False  # recompute each transformer block in the backward pass
-  c.model.image = ml_collections.ConfigDict()
-  c.model.image.variant = "B/16"  # "<size>/<patch>", size in mu,Ti,S,M,B,L,So400m,H,g,G
-  c.model.image.width = -1  # -1 = from the variant
-  c.model.image.depth = -1  # -1 = from the variant
-  c.model.image.mlp_dim = -1  # -1 = from the variant
-  c.model.image.num_heads = -1  # -1 = from the variant
-  c.model.image.patch_size = -1  # -1 = from the variant
-  c.model.image.image_size = 224  # input resolution (square)
-  c.model.image.pool = "cls"  # gap | map | cls
-  c.model.image.posemb = "learn"  # learn | sincos2d
-  c.model.image.proj = True  # linear projection to embed_dim
-  c.model.text = ml_collections.ConfigDict()
-  c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
-  c.model.text.width = -1  # -1 = from the variant
-  c.model.text.depth = -1  # -1 = from the variant
-  c.model.text.mlp_dim = -1  # -1 = from the variant
-  c.model.text.num_heads = -1  # -1 = from the variant
-  c.model.text.vocab_size = 49408  # token vocabulary size (the tokenizer must agree)
-  c.model.text.max_len = 77  # tokens per caption, start and end tokens included
-  c.model.text.causal = True  # causal (CLIP) or bidirectional (SigLIP) attention
-  c.model.text.pool = "eos"  # eos | last | first | mean
-  c.model.text.eos_id = 49407  # end-of-text id (pooling position for 'eos')
-  c.model.text.pad_id = 0  # padding id
-  c.model.text.proj = True  # linear projection to embed_dim
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 512  # joint embedding dim
+    c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
+    c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
+    c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
+    c.model.remat = False  # recompute each transformer block in the backward pass
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.variant = "B/16"  # "<size>/<patch>", size in mu,Ti,S,M,B,L,So400m,H,g,G
+    c.model.image.width = -1  # -1 = from the variant
+    c.model.image.depth = -1  # -1 = from the variant
+    c.model.image.mlp_dim = -1  # -1 = from the variant
+    c.model.image.num_heads = -1  # -1 = from the variant
+    c.model.image.patch_size = -1  # -1 = from the variant
+    c.model.image.image_size = 224  # input resolution (square)
+    c.model.image.pool = "cls"  # gap | map | cls
+    c.model.image.posemb = "learn"  # learn | sincos2d
+    c.model.image.proj = True  # linear projection to embed_dim
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
+    c.model.text.width = -1  # -1 = from the variant
+    c.model.text.depth = -1  # -1 = from the variant
+    c.model.text.mlp_dim = -1  # -1 = from the variant
+    c.model.text.num_heads = -1  # -1 = from the variant
+    c.model.text.vocab_size = 49408  # token vocabulary size (the tokenizer must agree)
+    c.model.text.max_len = 77  # tokens per caption, start and end tokens included
+    c.model.text.causal = True  # causal (CLIP) or bidirectional (SigLIP) attention
+    c.model.text.pool = "eos"  # eos | last | first | mean
+    c.model.text.eos_id = 49407  # end-of-text id (pooling position for 'eos')
+    c.model.text.pad_id = 0  # padding id
+    c.model.text.proj = True  # linear projection to embed_dim
 
-  c.loss = ml_collections.ConfigDict()
-  c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
-  c.loss.impl = "ring"  # ring (memory-flat) | allgather (n x B logits per device; the baseline)
-  c.loss.tile = -1  # rows per tile inside a device (-1 = the loss's default)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+    c.loss.impl = "ring"  # ring (memory-flat) | allgather (n x B logits per device; the baseline)
+    c.loss.tile = -1  # rows per tile inside a device (-1 = the loss's default)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 5e-4  # peak learning rate
-  c.optim.warmup_steps = 10_000  # linear warmup from 0
-  c.optim.end_lr_frac = 0.0  # cosine decays to lr * end_lr_frac at total_steps
-  c.optim.b1 = 0.9  # AdamW beta1
-  c.optim.b2 = 0.98  # AdamW beta2
-  c.optim.eps = 1e-6  # AdamW epsilon
-  c.optim.weight_decay = 0.2  # decoupled; not applied to biases, norms, embeddings' scalars, temperature, bias
-  c.optim.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4  # peak learning rate
+    c.optim.warmup_steps = 10_000  # linear warmup from 0
+    c.optim.end_lr_frac = 0.0  # cosine decays to lr * end_lr_frac at total_steps
+    c.optim.b1 = 0.9  # AdamW beta1
+    c.optim.b2 = 0.98  # AdamW beta2
+    c.optim.eps = 1e-6  # AdamW epsilon
+    c.optim.weight_decay = 0.2  # decoupled; not applied to biases, norms, embeddings' scalars, temperature, bias
+    c.optim.clip_norm = 1.0  # global gradient-norm clip (0 = off)
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.dataset = "clip_shapes"  # tfds classification set for zero-shot ('' = none)
-  c.eval.split = "test"  # its split
-  c.eval.label_key = "label"  # its label feature (a ClassLabel: class names come from it)
-  c.eval.templates = "clip_shapes"  # prompt template set (see clip_jax/evaluate/templates.py)
-  c.eval.batch_size = 512  # images per eval step (padded to the device count)
-  c.eval.max_examples = -1  # cap on eval images (-1 = the whole split)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.dataset = "clip_shapes"  # tfds classification set for zero-shot ('' = none)
+    c.eval.split = "test"  # its split
+    c.eval.label_key = "label"  # its label feature (a ClassLabel: class names come from it)
+    c.eval.templates = "clip_shapes"  # prompt template set (see clip_jax/evaluate/templates.py)
+    c.eval.batch_size = 512  # images per eval step (padded to the device count)
+    c.eval.max_examples = -1  # cap on eval images (-1 = the whole split)
 
-  c.lock()
-  return c
+    c.lock()
+    return c
 
 
 def _flatten(cfg, prefix=""):
-  out = {}
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_keys(cfg) -> None:
-  """Every key of cfg must exist in base() with a value of the same type."""
-  known = _flatten(base())
-  for key, value in _flatten(cfg).items():
-    if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f"; did you mean '{close[0]}'?" if close else ""
-      raise ConfigError(f"unknown config key '{key}'{hint}")
-    ref = known[key]
-    ok = isinstance(value, type(ref)) or (isinstance(ref, float) and isinstance(value, int))
-    if not ok or (isinstance(ref, int) and isinstance(value, bool) != isinstance(ref, bool)):
-      raise ConfigError(
-          f"config key '{key}' must be {type(ref).__name__}, got {value!r} ({type(value).__name__})")
+    """Every key of cfg must exist in base() with a value of the same type."""
+    known = _flatten(base())
+    for key, value in _flatten(cfg).items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        ref = known[key]
+        ok = isinstance(value, type(ref)) or (isinstance(ref, float) and isinstance(value, int))
+        if not ok or (isinstance(ref, int) and isinstance(value, bool) != isinstance(ref, bool)):
+            raise ConfigError(
+                f"config key '{key}' must be {type(ref).__name__}, got {value!r} ({type(value).__name__})"
+            )
 
 
 def _choice(cfg, key, choices):
-  value = cfg
-  for part in key.split("."):
-    value = value[part]
-  if value not in choices:
-    raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) sizes with -1 resolved; errors name the key."""
-  data, fsdp = cfg.mesh.data, cfg.mesh.fsdp
-  if data == -1 and fsdp == -1:
-    raise ConfigError("mesh.data and mesh.fsdp are both -1; set one of them to a size")
-  for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
-    if size == 0 or size < -1:
-      raise ConfigError(f"config key '{key}' is {size}; use a positive size or -1 for the rest")
-  known = fsdp if data == -1 else data
-  if num_devices % known:
-    raise ConfigError(f"mesh axis size {known} does not divide the {num_devices} devices")
-  data = num_devices // fsdp if data == -1 else data
-  fsdp = num_devices // data if fsdp == -1 else fsdp
-  if data * fsdp != num_devices:
-    raise ConfigError(f"mesh.data * mesh.fsdp = {data}*{fsdp} != {num_devices} devices")
-  return data, fsdp
+    """(data, fsdp) sizes with -1 resolved; errors name the key."""
+    data, fsdp = cfg.mesh.data, cfg.mesh.fsdp
+    if data == -1 and fsdp == -1:
+        raise ConfigError("mesh.data and mesh.fsdp are both -1; set one of them to a size")
+    for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+        if size == 0 or size < -1:
+            raise ConfigError(f"config key '{key}' is {size}; use a positive size or -1 for the rest")
+    known = fsdp if data == -1 else data
+    if num_devices % known:
+        raise ConfigError(f"mesh axis size {known} does not divide the {num_devices} devices")
+    data = num_devices // fsdp if data == -1 else data
+    fsdp = num_devices // data if fsdp == -1 else fsdp
+    if data * fsdp != num_devices:
+        raise ConfigError(f"mesh.data * mesh.fsdp = {data}*{fsdp} != {num_devices} devices")
+    return data, fsdp
 
 
 def validate(cfg, num_devices: int) -> None:
-  """Reject a config before anything is compiled. Raises ConfigError with a one-line message."""
-  check_keys(cfg)
-  _choice(cfg, "loss.kind", LOSS_KINDS)
-  _choice(cfg, "loss.impl", LOSS_IMPLS)
-  _choice(cfg, "tokenizer.kind", TOKENIZERS)
-  _choice(cfg, "model.dtype", DTYPES)
-  for key in ("batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts"):
-    value = _flatten(cfg)[key]
-    if value <= 0:
-      raise ConfigError(f"config key '{key}' must be positive, got {value}")
-  mesh_shape(cfg, num_devices)  # raises on a bad mesh
-  if cfg.batch_size % num_devices:
-    lo = cfg.batch_size // num_devices * num_devices
-    raise ConfigError(
-        f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
-        f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}")
-  if cfg.loss.tile > 0 and (cfg.batch_size // num_devices) % cfg.loss.tile:
-    n = cfg.batch_size // num_devices
-    raise ConfigError(f"loss.tile={cfg.loss.tile} does not divide the per-device batch {n} "
-                      f"(batch_size {cfg.batch_size} over {num_devices} devices); pick a divisor of {n}")
-  if not cfg.data.name:
-    raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
+    """Reject a config before anything is compiled. Raises ConfigError with a one-line message."""
+    check_keys(cfg)
+    _choice(cfg, "loss.kind", LOSS_KINDS)
+    _choice(cfg, "loss.impl", LOSS_IMPLS)
+    _choice(cfg, "tokenizer.kind", TOKENIZERS)
+    _choice(cfg, "model.dtype", DTYPES)
+    _choice(cfg, "model.image.pool", IMAGE_POOLS)
+    _choice(cfg, "model.text.pool", TEXT_POOLS)
+    _choice(cfg, "model.image.posemb", POSEMBS)
+    size, _, patch = cfg.model.image.variant.partition("/")
+    if size not in SIZES or not patch.isdigit():
+        raise ConfigError(
+            f"config key 'model.image.variant' is {cfg.model.image.variant!r}; use '<size>/<patch>' "
+            f"with size in {', '.join(SIZES)}, e.g. 'B/16'"
+        )
+    if cfg.model.text.variant not in SIZES:
+        raise ConfigError(
+            f"config key 'model.text.variant' is {cfg.model.text.variant!r}; choose one of {', '.join(SIZES)}"
+        )
+    for key in ("batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts"):
+        value = _flatten(cfg)[key]
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    mesh_shape(cfg, num_devices)  # raises on a bad mesh
+    if cfg.batch_size % num_devices:
+        lo = cfg.batch_size // num_devices * num_devices
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
+            f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}"
+        )
+    if cfg.loss.tile > 0 and (cfg.batch_size // num_devices) % cfg.loss.tile:
+        n = cfg.batch_size // num_devices
+        raise ConfigError(
+            f"loss.tile={cfg.loss.tile} does not divide the per-device batch {n} "
+            f"(batch_size {cfg.batch_size} over {num_devices} devices); pick a divisor of {n}"
+        )
+    if not cfg.data.name:
+        raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
 
 
 def model_fingerprint(cfg) -> dict:
-  """The keys that fix the shapes of the train state: a checkpoint must agree on all of them to be resumed."""
-  flat = _flatten(cfg)
-  return {k: v for k, v in flat.items() if k.startswith("model.") or k == "tokenizer.kind"}
+    """The keys that fix the shapes of the train state: a checkpoint must agree on all of them to be resumed."""
+    flat = _flatten(cfg)
+    return {k: v for k, v in flat.items() if k.startswith("model.") or k == "tokenizer.kind"}
 
 
-def closest_key(key: str) -> str | None:
-  close = difflib.get_close_matches(key, _flatten(base()), n=1)
-  return close[0] if close else None
+def check_override_keys(argv) -> None:
+    """Reject `--config.<key>=...` flags naming a key that base() lacks, before absl/config_flags sees them
+    (config_flags would fail with a traceback)."""
+    known = _flatten(base())
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{key}' in {arg}{hint}")

@@ -3,6 +3,7 @@
 Only argument handling, multi-host start-up and the printed report live here; the work is in train.py and
 evaluate/.
 """
+
 import sys
 
 from absl import app, flags, logging
@@ -10,58 +11,72 @@ from ml_collections import config_flags
 
 from clip_jax import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Config file (path[:arg]).",
-                                          lock_config=True)
+if __name__ == "__main__":
+    # config_flags applies --config.* overrides while the flag is being defined and dies with a traceback on an
+    # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
+    try:
+        config_lib.check_override_keys(sys.argv[1:])
+    except config_lib.ConfigError as _e:
+        print(f"error: {_e}", file=sys.stderr)
+        sys.exit(2)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny_cpu.py", "Config file (path[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 MODES = ("train", "eval")
 
 
 def report(result: dict, cfg) -> str:
-  """The short human-readable summary printed at the end of `train` / `eval`."""
-  lines = ["", "=" * 60, f"clip_jax report: {cfg.data.name}, loss={cfg.loss.kind}"]
-  if "examples_seen" in result:
-    lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
-  if "loss" in result:
-    lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
-  zs = result.get("zero_shot")
-  if zs:
-    lines.append(f"  zero-shot on {cfg.eval.dataset}/{cfg.eval.split} ({zs['examples']} images, "
-                 f"{zs['num_classes']} classes):")
-    lines.append(f"    top-1 {zs['top1']:.1f}%  (chance {zs['chance_top1']:.1f}%)")
-    lines.append(f"    top-5 {zs['top5']:.1f}%  (chance {zs['chance_top5']:.1f}%)")
-    if "top1_unseen" in zs:
-      lines.append(f"    top-1 on classes seen in training {zs['top1_seen']:.1f}% ({zs['examples_seen']} images), "
-                   f"never seen {zs['top1_unseen']:.1f}% ({zs['examples_unseen']} images)")
-  lines.append("=" * 60)
-  return "\n".join(lines)
+    """The short human-readable summary printed at the end of `train` / `eval`."""
+    lines = ["", "=" * 60, f"clip_jax report: {cfg.data.name}, loss={cfg.loss.kind}"]
+    if "examples_seen" in result:
+        lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
+    if "loss" in result:
+        lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
+    zs = result.get("zero_shot")
+    if zs:
+        lines.append(
+            f"  zero-shot on {cfg.eval.dataset}/{cfg.eval.split} ({zs['examples']} images, "
+            f"{zs['num_classes']} classes):"
+        )
+        lines.append(f"    top-1 {zs['top1']:.1f}%  (chance {zs['chance_top1']:.1f}%)")
+        lines.append(f"    top-5 {zs['top5']:.1f}%  (chance {zs['chance_top5']:.1f}%)")
+        if "top1_unseen" in zs:
+            lines.append(
+                f"    top-1 on classes seen in training {zs['top1_seen']:.1f}% ({zs['examples_seen']} images), "
+                f"never seen {zs['top1_unseen']:.1f}% ({zs['examples_unseen']} images)"
+            )
+    lines.append("=" * 60)
+    return "\n".join(lines)
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in MODES:
-    raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
-  if _DISTRIBUTED.value:
+    if len(argv) != 2 or argv[1] not in MODES:
+        raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     import jax
 
-    jax.distributed.initialize()
-  import jax
+    from clip_jax import train
+    from clip_jax.evaluate import evaluate_checkpoint
 
-  from clip_jax import train
-  from clip_jax.evaluate import evaluate_checkpoint
-
-  cfg = _CONFIG.value
-  try:
-    config_lib.validate(cfg, jax.device_count())
-    result = train.run(cfg, _WORKDIR.value) if argv[1] == "train" else evaluate_checkpoint(cfg, _WORKDIR.value)
-  except train.USER_ERRORS as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if jax.process_index() == 0:
-    print(report(result, cfg), flush=True)
+    cfg = _CONFIG.value
+    try:
+        config_lib.validate(cfg, jax.device_count())
+        result = train.run(cfg, _WORKDIR.value) if argv[1] == "train" else evaluate_checkpoint(cfg, _WORKDIR.value)
+    except train.USER_ERRORS as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(report(result, cfg), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

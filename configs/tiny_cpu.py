@@ -3,44 +3,45 @@
 Variants by argument (comma-separated): `configs/tiny_cpu.py:sigmoid` trains SigLIP's loss instead,
 `configs/tiny_cpu.py:digits` trains and evaluates on scikit-learn's real handwritten digits.
 """
+
 import math
 
 from clip_jax.config import base
 
 
 def get_config(arg: str = ""):
-  opts = set(filter(None, (arg or "").split(",")))
-  unknown = opts - {"sigmoid", "digits"}
-  if unknown:
-    raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: sigmoid, digits")
-  c = base()
-  c.batch_size = 256
-  c.total_steps = 1200
-  c.log_every = 50
-  c.eval_every = 400
-  c.ckpt_every = 400
-  c.eval.batch_size = 256
+    opts = set(filter(None, (arg or "").split(",")))
+    unknown = opts - {"sigmoid", "digits"}
+    if unknown:
+        raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: sigmoid, digits")
+    c = base()
+    c.batch_size = 256
+    c.total_steps = 1200
+    c.log_every = 50
+    c.eval_every = 400
+    c.ckpt_every = 400
+    c.eval.batch_size = 256
 
-  c.tokenizer.kind = "hashed_words"
-  c.model.embed_dim = 128
-  c.model.image.variant = "mu/4"
-  c.model.image.width, c.model.image.depth, c.model.image.mlp_dim, c.model.image.num_heads = 128, 4, 512, 4
-  c.model.image.image_size = 32
-  c.model.image.pool = "gap"
-  c.model.image.posemb = "sincos2d"
-  c.model.text.variant = "mu"
-  c.model.text.width, c.model.text.depth, c.model.text.mlp_dim, c.model.text.num_heads = 128, 4, 512, 4
-  c.model.text.vocab_size = 4096  # hashed word ids; the captions use a few dozen words
-  c.model.text.max_len = 16
-  c.model.text.eos_id, c.model.text.pad_id = 2, 0  # the hashed_words tokenizer's ids
+    c.tokenizer.kind = "hashed_words"
+    c.model.embed_dim = 128
+    c.model.image.variant = "mu/4"
+    c.model.image.width, c.model.image.depth, c.model.image.mlp_dim, c.model.image.num_heads = 128, 4, 512, 4
+    c.model.image.image_size = 32
+    c.model.image.pool = "gap"
+    c.model.image.posemb = "sincos2d"
+    c.model.text.variant = "mu"
+    c.model.text.width, c.model.text.depth, c.model.text.mlp_dim, c.model.text.num_heads = 128, 4, 512, 4
+    c.model.text.vocab_size = 4096  # hashed word ids; the captions use a few dozen words
+    c.model.text.max_len = 16
+    c.model.text.eos_id, c.model.text.pad_id = 2, 0  # the hashed_words tokenizer's ids
 
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.1
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.1
 
-  if "sigmoid" in opts:
-    c.loss.kind = "sigmoid"
-    c.model.log_t_init, c.model.bias_init = math.log(10.0), -10.0
-  if "digits" in opts:
-    c.data.name = c.eval.dataset = c.eval.templates = "clip_digits"
-  return c
+    if "sigmoid" in opts:
+        c.loss.kind = "sigmoid"
+        c.model.log_t_init, c.model.bias_init = math.log(10.0), -10.0
+    if "digits" in opts:
+        c.data.name = c.eval.dataset = c.eval.templates = "clip_digits"
+    return c

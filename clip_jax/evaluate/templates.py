@@ -2,6 +2,7 @@
 
 Each class name is put into every template; the class embedding is the renormalised mean over templates.
 """
+
 TEMPLATES = {
     # The embedded procedural shapes: class names are "<colour> <shape>".
     "clip_shapes": ("a {}.", "a photo of a {}.", "a small {}.", "a large {}.", "a drawing of a {}."),
@@ -10,13 +11,19 @@ TEMPLATES = {
     # Single generic prompt, for any dataset.
     "plain": ("a photo of a {}.",),
     # The short ensemble commonly used for ImageNet-style natural images.
-    "imagenet_short": ("a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
-                       "a photo of the small {}.", "a low resolution photo of a {}.", "itap of a {}.",
-                       "a cropped photo of a {}."),
+    "imagenet_short": (
+        "a photo of a {}.",
+        "a bad photo of a {}.",
+        "a photo of the large {}.",
+        "a photo of the small {}.",
+        "a low resolution photo of a {}.",
+        "itap of a {}.",
+        "a cropped photo of a {}.",
+    ),
 }
 
 
 def get(name: str) -> tuple[str, ...]:
-  if name not in TEMPLATES:
-    raise ValueError(f"unknown eval.templates {name!r}; choose one of {sorted(TEMPLATES)}")
-  return TEMPLATES[name]
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown eval.templates {name!r}; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]

@@ -4,6 +4,7 @@
 model's vocabulary. It suits small closed-vocabulary datasets (the embedded ones) and is identical on every
 machine (Python's own hash() is salted per process, CRC32 is not). Ids: 0 pad, 1 start, 2 end, 3+ words.
 """
+
 import re
 import zlib
 
@@ -15,39 +16,43 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 class HashedWords:
-  def __init__(self, vocab_size: int, max_len: int):
-    if vocab_size <= _FIRST_WORD_ID:
-      raise ValueError(f"hashed_words needs model.text.vocab_size > {_FIRST_WORD_ID}, got {vocab_size}")
-    if max_len < 2:
-      raise ValueError(f"model.text.max_len must hold at least the start and end tokens, got {max_len}")
-    self.vocab_size, self.max_len = vocab_size, max_len
-    self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
+    def __init__(self, vocab_size: int, max_len: int):
+        if vocab_size <= _FIRST_WORD_ID:
+            raise ValueError(f"hashed_words needs model.text.vocab_size > {_FIRST_WORD_ID}, got {vocab_size}")
+        if max_len < 2:
+            raise ValueError(f"model.text.max_len must hold at least the start and end tokens, got {max_len}")
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
 
-  def word_id(self, word: str) -> int:
-    return _FIRST_WORD_ID + zlib.crc32(word.encode()) % (self.vocab_size - _FIRST_WORD_ID)
+    def word_id(self, word: str) -> int:
+        return _FIRST_WORD_ID + zlib.crc32(word.encode()) % (self.vocab_size - _FIRST_WORD_ID)
 
-  def encode(self, text: str) -> np.ndarray:
-    words = _WORD.findall(text.lower())[: self.max_len - 2]  # keep room for start and end
-    ids = [BOS] + [self.word_id(w) for w in words] + [EOS]
-    out = np.full((self.max_len,), PAD, np.int32)
-    out[: len(ids)] = ids
-    return out
+    def encode(self, text: str) -> np.ndarray:
+        words = _WORD.findall(text.lower())[: self.max_len - 2]  # keep room for start and end
+        ids = [BOS] + [self.word_id(w) for w in words] + [EOS]
+        out = np.full((self.max_len,), PAD, np.int32)
+        out[: len(ids)] = ids
+        return out
 
-  def __call__(self, texts) -> np.ndarray:
-    return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
+    def __call__(self, texts) -> np.ndarray:
+        return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
 
 
 def make(cfg):
-  """The tokenizer the config names, checked against the text tower's special ids."""
-  kind = cfg.tokenizer.kind
-  if kind == "hashed_words":
-    tok = HashedWords(cfg.model.text.vocab_size, cfg.model.text.max_len)
-  else:
-    raise ValueError(f"unknown tokenizer.kind {kind!r}; choose 'hashed_words'")
-  if cfg.model.text.pool == "eos" and cfg.model.text.eos_id != tok.eos_id:
-    raise ValueError(f"model.text.eos_id={cfg.model.text.eos_id} but the {kind} tokenizer ends captions with "
-                     f"{tok.eos_id}; set --config.model.text.eos_id={tok.eos_id}")
-  if cfg.model.text.pad_id != tok.pad_id:
-    raise ValueError(f"model.text.pad_id={cfg.model.text.pad_id} but the {kind} tokenizer pads with "
-                     f"{tok.pad_id}; set --config.model.text.pad_id={tok.pad_id}")
-  return tok
+    """The tokenizer the config names, checked against the text tower's special ids."""
+    kind = cfg.tokenizer.kind
+    if kind == "hashed_words":
+        tok = HashedWords(cfg.model.text.vocab_size, cfg.model.text.max_len)
+    else:
+        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose 'hashed_words'")
+    if cfg.model.text.pool == "eos" and cfg.model.text.eos_id != tok.eos_id:
+        raise ValueError(
+            f"model.text.eos_id={cfg.model.text.eos_id} but the {kind} tokenizer ends captions with "
+            f"{tok.eos_id}; set --config.model.text.eos_id={tok.eos_id}"
+        )
+    if cfg.model.text.pad_id != tok.pad_id:
+        raise ValueError(
+            f"model.text.pad_id={cfg.model.text.pad_id} but the {kind} tokenizer pads with "
+            f"{tok.pad_id}; set --config.model.text.pad_id={tok.pad_id}"
+        )
+    return tok
