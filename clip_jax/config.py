@@ -52,9 +52,7 @@ def base() -> ml_collections.ConfigDict:
     c.sharding.joint = ""  # joint embedding dim
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = (
-        "clip_shapes"  # tfds dataset name (prepared under data_dir; the embedded sets are built on demand)
-    )
+    c.data.name = "clip_shapes"  # tfds dataset under data_dir (the embedded sets are built on demand)
     c.data.data_dir = "tfds_data"  # tfds data_dir; nothing is ever downloaded
     c.data.train_split = "train"  # tfds split for training
     c.data.image_key = "image"  # feature holding the image

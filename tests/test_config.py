@@ -1,0 +1,97 @@
+"""Config validation: every bad input gets one clear line naming the key, before anything is compiled."""
+import os
+import re
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from clip_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import clip_b16  # noqa: E402
+import siglip_b16  # noqa: E402
+import tiny_cpu  # noqa: E402
+
+
+def test_every_base_key_has_a_comment():
+    source = open(os.path.join(ROOT, "clip_jax", "config.py")).read()
+    for key in config_lib._flatten(config_lib.base()):
+        line = re.search(rf"^\s+c\.{re.escape(key)} = .*$", source, flags=re.M)
+        assert line, f"base() does not assign {key} on its own line"
+        assert "#" in line.group(0), f"config key without a comment: {line.group(0).strip()}"
+
+
+@pytest.mark.parametrize("module", [tiny_cpu, clip_b16, siglip_b16])
+def test_shipped_configs_validate(module):
+    config_lib.validate(module.get_config(), 8)
+
+
+def test_unknown_key_in_a_config_file_is_refused_with_suggestion():
+    cfg = config_lib.base()
+    with pytest.raises((AttributeError, KeyError), match="batch_size"):
+        cfg.batchsize = 3
+
+
+def test_check_keys_names_the_key_and_closest():
+    cfg = ml_collections.ConfigDict(config_lib.base().to_dict())
+    cfg.optim.learning_rate = 0.1
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim.learning_rate'; did you mean"):
+        config_lib.check_keys(cfg)
+
+
+def test_wrong_type_is_refused():
+    cfg = ml_collections.ConfigDict(config_lib.base().to_dict(), type_safe=False)
+    cfg.batch_size = "many"
+    with pytest.raises(config_lib.ConfigError, match="'batch_size' must be int"):
+        config_lib.check_keys(cfg)
+
+
+def test_batch_not_divisible_by_devices():
+    cfg = tiny_cpu.get_config()
+    cfg.batch_size = 100
+    with pytest.raises(config_lib.ConfigError, match=r"batch_size=100 does not divide over the 8 devices.*96 or 104"):
+        config_lib.validate(cfg, 8)
+
+
+def test_bad_choices_and_mesh():
+    cfg = tiny_cpu.get_config()
+    cfg.loss.kind = "softmx"
+    with pytest.raises(config_lib.ConfigError, match="'loss.kind'.*'softmax', 'sigmoid'"):
+        config_lib.validate(cfg, 8)
+    cfg = tiny_cpu.get_config()
+    cfg.mesh.fsdp = 3
+    with pytest.raises(config_lib.ConfigError, match="does not divide the 8 devices"):
+        config_lib.validate(cfg, 8)
+    cfg = tiny_cpu.get_config()
+    cfg.model.image.variant = "Q/16"
+    with pytest.raises(config_lib.ConfigError, match="model.image.variant"):
+        config_lib.validate(cfg, 8)
+
+
+@pytest.mark.parametrize("data,fsdp,expect", [(-1, 1, (8, 1)), (2, -1, (2, 4)), (-1, 4, (2, 4)), (8, 1, (8, 1))])
+def test_mesh_shape(data, fsdp, expect):
+    cfg = config_lib.base()
+    cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
+    assert config_lib.mesh_shape(cfg, 8) == expect
+
+
+def _cli(*args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "clip_jax.main", "train", "--workdir=/nonexistent/never", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.batchsize=3", "unknown config key 'batchsize' in --config.batchsize=3; did you mean 'batch_size'?"),
+    ("--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
+    ("--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+])
+def test_cli_prints_one_line_and_exits_2(arg, message):
+    proc = _cli(arg)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists("/nonexistent/never")
