@@ -15,22 +15,23 @@ def get_config(arg: str = ""):
     if unknown:
         raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: sigmoid, digits")
     c = base()
-    c.batch_size = 256
-    c.total_steps = 1200
-    c.log_every = 50
-    c.eval_every = 400
-    c.ckpt_every = 400
+    # Sized for 2 CPU cores: ~1 GFLOP of forward pass per step, so the whole run takes minutes.
+    c.batch_size = 128
+    c.total_steps = 2000
+    c.log_every = 100
+    c.eval_every = 500
+    c.ckpt_every = 500
     c.eval.batch_size = 256
 
     c.tokenizer.kind = "hashed_words"
-    c.model.embed_dim = 128
-    c.model.image.variant = "mu/4"
-    c.model.image.width, c.model.image.depth, c.model.image.mlp_dim, c.model.image.num_heads = 128, 4, 512, 4
+    c.model.embed_dim = 96
+    c.model.image.variant = "mu/8"  # 32x32 images in 8x8 patches: 16 tokens
+    c.model.image.width, c.model.image.depth, c.model.image.mlp_dim, c.model.image.num_heads = 96, 2, 384, 4
     c.model.image.image_size = 32
     c.model.image.pool = "gap"
     c.model.image.posemb = "sincos2d"
     c.model.text.variant = "mu"
-    c.model.text.width, c.model.text.depth, c.model.text.mlp_dim, c.model.text.num_heads = 128, 4, 512, 4
+    c.model.text.width, c.model.text.depth, c.model.text.mlp_dim, c.model.text.num_heads = 96, 2, 384, 4
     c.model.text.vocab_size = 4096  # hashed word ids; the captions use a few dozen words
     c.model.text.max_len = 16
     c.model.text.eos_id, c.model.text.pad_id = 2, 0  # the hashed_words tokenizer's ids

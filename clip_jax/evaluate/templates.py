@@ -1,13 +1,11 @@
-"""Prompt templates for zero-shot classification, by name (config key eval.templates).
+"""Prompt templates for zero-shot classification (config key eval.templates).
 
 Each class name is put into every template; the class embedding is the renormalised mean over templates.
+The embedded datasets (clip_shapes, clip_digits) bring their own prompts, phrased like their captions
+("an orange circle"), so eval.templates may also name one of them.
 """
 
 TEMPLATES = {
-    # The embedded procedural shapes: class names are "<colour> <shape>".
-    "clip_shapes": ("a {}.", "a photo of a {}.", "a small {}.", "a large {}.", "a drawing of a {}."),
-    # scikit-learn's handwritten digits: class names are the digits "0".."9".
-    "clip_digits": ('a photo of the number "{}".', "a handwritten {}.", "the digit {}."),
     # Single generic prompt, for any dataset.
     "plain": ("a photo of a {}.",),
     # The short ensemble commonly used for ImageNet-style natural images.
@@ -23,7 +21,15 @@ TEMPLATES = {
 }
 
 
-def get(name: str) -> tuple[str, ...]:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown eval.templates {name!r}; choose one of {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+def class_prompts(templates: str, class_names) -> list[list[str]]:
+    """Per class (in label order), its prompts."""
+    from clip_jax import datasets
+
+    if templates in datasets.PROMPT_TEMPLATES:
+        if list(class_names) != list(datasets.class_names(templates)):
+            raise ValueError(f"eval.templates={templates!r} are that dataset's prompts but the class names differ")
+        return [list(p) for p in datasets.prompts(templates)]
+    if templates not in TEMPLATES:
+        choices = sorted(TEMPLATES) + sorted(datasets.PROMPT_TEMPLATES)
+        raise ValueError(f"unknown eval.templates {templates!r}; choose one of {choices}")
+    return [[t.format(name) for t in TEMPLATES[templates]] for name in class_names]

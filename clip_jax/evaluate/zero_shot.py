@@ -47,9 +47,11 @@ def _hits(img_emb, class_emb, labels, k):
 def evaluate(cfg, params, graphdef, mesh) -> dict:
     """Zero-shot top-1/top-5 (%) of the model in `params` on cfg.eval.dataset, with chance levels for reference."""
     names = pipeline.class_names(cfg)
-    temps = templates_lib.get(cfg.eval.templates)
+    prompts = templates_lib.class_prompts(cfg.eval.templates, names)
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("every class needs the same number of prompts")
     tok = tokenizer_lib.make(cfg)
-    tokens = np.stack([tok([t.format(n) for t in temps]) for n in names])
+    tokens = np.stack([tok(p) for p in prompts])
     encode_text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x))
     encode_image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
     class_emb = class_embeddings(functools.partial(encode_text, params), tokens, mesh)

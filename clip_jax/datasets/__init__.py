@@ -1,0 +1,100 @@
+"""The embedded, offline image-caption datasets, as tfds builders.
+
+Importing this package registers `clip_shapes` and `clip_digits` with tfds.
+Both are generated locally (no download) and stored as ArrayRecord, so they
+are read with `tfds.data_source` / grain without TensorFlow:
+
+    from clip_jax import datasets
+    datasets.prepare("clip_shapes", "./tfds_data")   # once; fast if present
+    source = datasets.data_source("clip_shapes", "train", "./tfds_data")
+    source[0]  # {'image': uint8 [32, 32, 3], 'caption': bytes, 'label': int,
+               #  'unseen': bool}
+
+Nothing here reaches the network: builders are constructed from their classes
+(never looked up on GCS) and preparation runs with GCS downloads disabled.
+"""
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+from clip_jax.datasets import digits, shapes
+
+BUILDERS = {
+    "clip_shapes": shapes.ClipShapes,
+    "clip_digits": digits.ClipDigits,
+}
+CLASS_NAMES = {
+    "clip_shapes": shapes.CLASS_NAMES,  # "red circle", ... (colour x shape)
+    "clip_digits": digits.CLASS_NAMES,  # "0" .. "9"
+}
+# Zero-shot prompt templates that match each dataset's caption phrasing.
+PROMPT_TEMPLATES = {
+    "clip_shapes": shapes.PROMPT_TEMPLATES,
+    "clip_digits": digits.PROMPT_TEMPLATES,
+}
+FILE_FORMAT = "array_record"
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """Class names of `name`'s label feature, in label order."""
+    return CLASS_NAMES[_check_name(name)]
+
+
+def prompts(name: str) -> tuple[tuple[str, ...], ...]:
+    """Per class (in label order), its zero-shot prompts, phrased like the
+    training captions: prompts("clip_shapes")[25][0] == "an orange circle"."""
+    fix = shapes.with_articles if name == "clip_shapes" else str
+    return tuple(
+        tuple(fix(template.format(label)) for template in PROMPT_TEMPLATES[name])
+        for label in class_names(name))
+
+
+def _check_name(name: str) -> str:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of "
+                         f"{sorted(BUILDERS)}")
+    return name
+
+
+def builder(name: str, data_dir: str | os.PathLike,
+            config: str | tfds.core.BuilderConfig | None = None):
+    """The builder for `name` (config: a name like "64px", or a config object)."""
+    cls = BUILDERS[_check_name(name)]
+    return cls(data_dir=os.fspath(data_dir), config=config,
+               file_format=FILE_FORMAT)
+
+
+def prepare(name: str, data_dir: str | os.PathLike,
+            config: str | tfds.core.BuilderConfig | None = None):
+    """Generates `name` in data_dir unless already there; returns the builder.
+
+    Idempotent: a prepared dataset is detected from its files and reused.
+    """
+    result = builder(name, data_dir, config)
+    # Belt and braces: tfds 4.9 keeps GCS off by default; make sure nothing
+    # (e.g. another library flipping it) sends us to gs://tfds-data.
+    tfds.core.utils.gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+    download_config = tfds.download.DownloadConfig(
+        try_download_gcs=False,
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+    )
+    result.download_and_prepare(download_config=download_config,
+                                file_format=FILE_FORMAT)
+    return result
+
+
+def data_source(name: str, split: str, data_dir: str | os.PathLike,
+                config: str | tfds.core.BuilderConfig | None = None):
+    """Random-access source over a prepared split (no TensorFlow, no download).
+
+    Raises a clear error if the dataset has not been prepared, instead of
+    generating it implicitly (preparation is `prepare`'s job).
+    """
+    result = builder(name, data_dir, config)
+    if not result.is_prepared():
+        raise FileNotFoundError(
+            f"{name} is not prepared in {result.data_dir}; run "
+            f"`python data/prepare.py --name {name} --data_dir {data_dir}`")
+    return result.as_data_source(split=split)
