@@ -136,10 +136,11 @@ class MetricAverager:
     """Collects per-step device metrics; they reach the host once per log interval."""
 
     def __init__(self):
-        self.items = []
+        self.items, self.examples = [], 0
 
-    def add(self, metrics):
+    def add(self, metrics, examples: int):
         self.items.append(metrics)
+        self.examples += examples
 
     def pop(self) -> dict:
         host = jax.device_get(self.items)
@@ -156,67 +157,81 @@ def _writer(workdir):
     return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
-def run(cfg, workdir: str) -> dict:
-    """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the final report."""
-    from clu import parameter_overview, periodic_actions
-
-    config_lib.validate(cfg, jax.device_count())
-    mesh = sharding.make_mesh(cfg)
-    opt = optim.make(cfg)
-    writer = _writer(workdir)
+def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
+    """The latest checkpoint's state (and data position) if the workdir has one, else a fresh sharded init."""
     graphdef, abstract, shardings = state_shardings(cfg, mesh, opt)
-    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
-    data_it = pipeline.train_iterator(cfg)
     restored = ckpt.restore(abstract, shardings, cfg)
     if restored is None:
         _, state, _ = init_state(cfg, mesh, opt)
-        logging.info("initialised a new model in %s", workdir)
+        logging.info("initialised a new model")
     else:
         step, state, data_state = restored
         data_it.set_state(checkpoint_lib.from_jsonable(data_state))
-        logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
+        logging.info("resumed from the checkpoint at step %d", step)
+    return graphdef, shardings, state
+
+
+def _log(writer, step, averager, t0, cfg, ckpt) -> dict:
+    metrics = averager.pop()
+    metrics.update(
+        examples_per_sec=averager.examples / (time.perf_counter() - t0), examples_seen=step * cfg.batch_size
+    )
+    averager.examples = 0
+    writer.write_scalars(step, metrics)
+    if metrics["nonfinite"]:
+        ckpt.wait()
+        raise TrainingError(
+            f"the loss or gradients became NaN/Inf at or before step {step}; those updates were skipped and the last "
+            f"checkpoint (step {ckpt.latest_step()}) is intact. Lower optim.lr, raise optim.warmup_steps or keep "
+            "optim.clip_norm > 0, then re-run the same command to resume"
+        )
+    return metrics
+
+
+def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report.
+
+    stop_after: stop (with a checkpoint) after this many steps in this call, as a preemption would.
+    The report holds the final metrics, 'history' (every logged interval) and 'zero_shot'.
+    """
+    from clu import parameter_overview, periodic_actions
+
+    config_lib.validate(cfg, jax.device_count())
+    mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
+    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
+    data_it = pipeline.train_iterator(cfg)
+    graphdef, shardings, state = _restore_or_init(cfg, mesh, opt, ckpt, data_it)
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["params"])
     step_fn = compile_step(cfg, mesh, opt, graphdef, shardings)
     start = int(jax.device_get(state["step"]))
-    report = periodic_actions.ReportProgress(
-        num_train_steps=cfg.total_steps, writer=writer, every_steps=cfg.log_every
-    )
-    averager, last = MetricAverager(), {}
-    t0, seen = time.perf_counter(), 0
+    end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
+    progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
+    averager, history, t0 = MetricAverager(), [], time.perf_counter()
     on_cpu = jax.default_backend() == "cpu"
-    for step in range(start + 1, cfg.total_steps + 1):
+    for step in range(start + 1, end + 1):
         state, metrics = step_fn(state, sharding.put_batch(next(data_it), mesh))
-        averager.add(metrics)
+        averager.add(metrics, cfg.batch_size)
         if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
             jax.block_until_ready(metrics["loss"])
-        report(step)
-        seen += cfg.batch_size
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
-            last = averager.pop()
-            elapsed = time.perf_counter() - t0
-            last.update(examples_per_sec=seen / elapsed, examples_seen=step * cfg.batch_size)
-            writer.write_scalars(step, last)
-            t0, seen = time.perf_counter(), 0
-            if last["nonfinite"]:
-                ckpt.wait()
-                raise TrainingError(
-                    f"the loss or gradients became NaN/Inf at or before step {step}; those updates were skipped and "
-                    f"the last checkpoint (step {ckpt.latest_step()}) is intact. Lower optim.lr, raise "
-                    "optim.warmup_steps or keep optim.clip_norm > 0, then re-run to resume"
-                )
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.total_steps:
-            ckpt.save(step, state, data_it.get_state(), cfg)
+        progress(step)
+        if step % cfg.log_every == 0 or step == end:
+            history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt)})
+            t0 = time.perf_counter()
+        if step == end or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            ckpt.save(step, state, data_it.get_state(), cfg, force=step == end)
         if cfg.eval.dataset and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
             writer.write_scalars(step, _prefixed(zero_shot.evaluate(cfg, state["params"], graphdef, mesh)))
-    if ckpt.latest_step() != cfg.total_steps:
-        ckpt.save(cfg.total_steps, state, data_it.get_state(), cfg, force=True)
     ckpt.wait()
-    result = {"step": cfg.total_steps, "examples_seen": cfg.total_steps * cfg.batch_size, **last}
-    if cfg.eval.dataset:
-        zs = zero_shot.evaluate(cfg, state["params"], graphdef, mesh)
-        writer.write_scalars(cfg.total_steps, _prefixed(zs))
-        result["zero_shot"] = zs
+    result = {
+        "step": end,
+        "examples_seen": end * cfg.batch_size,
+        "history": history,
+        **(history[-1] if history else {}),
+    }
+    if cfg.eval.dataset and end == cfg.total_steps:
+        result["zero_shot"] = zero_shot.evaluate(cfg, state["params"], graphdef, mesh)
+        writer.write_scalars(end, _prefixed(result["zero_shot"]))
     writer.flush()
     ckpt.close()
     return result

@@ -29,8 +29,9 @@ def open_source(name: str, split: str, data_dir: str):
     from clip_jax import datasets  # registers the embedded builders (clip_shapes, clip_digits)
 
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    if name in datasets.BUILDERS:
-        datasets.prepare(name, data_dir)
+    base, _, builder_config = name.partition("/")  # tfds "name/config" syntax
+    if base in datasets.BUILDERS:
+        datasets.prepare(base, data_dir, builder_config or None)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared"

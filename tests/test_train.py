@@ -1,0 +1,113 @@
+"""End-to-end training on the embedded shapes data, checkpoints and exact resume, on 8 simulated devices."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint as checkpoint_lib
+from clip_jax import optim, sharding, train
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import tiny_cpu  # noqa: E402
+
+
+def small_config(data_dir, **overrides):
+    """tiny_cpu on the 4k-example 'small' shapes set, shrunk further so a test compiles and runs in seconds."""
+    cfg = tiny_cpu.get_config()
+    cfg.data.data_dir = str(data_dir)
+    cfg.data.name = cfg.eval.dataset = "clip_shapes/small"
+    cfg.batch_size, cfg.eval.batch_size = 64, 128
+    cfg.model.image.depth = cfg.model.text.depth = 1
+    cfg.log_every, cfg.ckpt_every, cfg.eval_every = 10, 0, 0
+    cfg.optim.warmup_steps = 10
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    cfg = small_config(data_dir, total_steps=120)
+    workdir = tmp_path_factory.mktemp("run")
+    return cfg, workdir, train.run(cfg, str(workdir))
+
+
+def test_training_lowers_the_loss_and_beats_chance(trained):
+    cfg, workdir, result = trained
+    first, last = result["history"][0]["loss"], result["history"][-1]["loss"]
+    assert first > 0.8 * np.log(cfg.batch_size)  # starts near log(B): embeddings carry no information yet
+    assert last < 0.6 * first, [h["loss"] for h in result["history"]]
+    zs = result["zero_shot"]
+    assert zs["examples"] == 400 and zs["num_classes"] == 40
+    assert zs["top1"] > 3 * zs["chance_top1"], zs
+    assert zs["top5"] > 2 * zs["chance_top5"], zs
+    assert result["examples_seen"] == 120 * 64
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))  # TensorBoard summaries
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path):
+    cfg = small_config(data_dir, total_steps=12, ckpt_every=4, **{"eval.dataset": ""})
+    straight = train.run(cfg, str(tmp_path / "straight"))
+    first = train.run(cfg, str(tmp_path / "resumed"), stop_after=6)  # "preempted" after step 6 (saves at 6)
+    assert first["step"] == 6
+    second = train.run(cfg, str(tmp_path / "resumed"))
+    assert second["history"][0]["step"] == 10  # continued from step 6, not from 0
+    assert second["step"] == 12
+    # Same batches in the same order and the same updates: the loss curves agree.
+    np.testing.assert_allclose(straight["history"][-1]["loss"], second["history"][-1]["loss"], rtol=1e-5)
+    mesh = sharding.make_mesh(cfg)
+    opt = optim.make(cfg)
+    _, abstract, shardings = train.state_shardings(cfg, mesh, opt)
+    a = checkpoint_lib.Checkpointer(str(tmp_path / "straight"), cfg).restore(abstract, shardings, cfg)
+    b = checkpoint_lib.Checkpointer(str(tmp_path / "resumed"), cfg).restore(abstract, shardings, cfg)
+    assert a[0] == b[0] == 12 and a[2] == b[2]  # same step, same data-iterator position
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_roundtrip_is_identical_and_keeps_shardings(tmp_path):
+    cfg = small_config(tmp_path, keep_ckpts=2, **{"mesh.data": 2, "mesh.fsdp": 4})
+    mesh = sharding.make_mesh(cfg)
+    opt = optim.make(cfg)
+    _, state, shardings = train.init_state(cfg, mesh, opt)
+    _, abstract, _ = train.state_shardings(cfg, mesh, opt)
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "w"), cfg)
+    for step in (1, 2, 3):
+        ckpt.save(step, state, {"next_index": step}, cfg)
+    ckpt.wait()
+    assert ckpt.manager.all_steps() == [2, 3]  # keep the last K
+    step, restored, data_state = ckpt.restore(abstract, shardings, cfg)
+    assert step == 3 and data_state == {"next_index": 3}
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert x.sharding == y.sharding
+    # FSDP: the 'embed' dim of a weight matrix is split over the 4-way fsdp axis.
+    kernels = [x for x in jax.tree.leaves(restored["params"]) if x.ndim == 2 and x.shape[0] % 4 == 0]
+    assert any("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
+    ckpt.close()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = small_config(tmp_path)
+    mesh = sharding.make_mesh(cfg)
+    opt = optim.make(cfg)
+    _, state, shardings = train.init_state(cfg, mesh, opt)
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "w"), cfg)
+    ckpt.save(1, state, {}, cfg)
+    ckpt.close()
+    other = small_config(tmp_path, **{"model.image.width": 64})
+    _, abstract, other_sh = train.state_shardings(other, mesh, optim.make(other))
+    with pytest.raises(checkpoint_lib.CheckpointMismatch, match=r"model.image.width: checkpoint 96 vs config 64"):
+        checkpoint_lib.Checkpointer(str(tmp_path / "w"), other).restore(abstract, other_sh, other)
