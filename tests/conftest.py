@@ -6,3 +6,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+# Tests compile the same train step several times (fresh run, resumed run): a persistent compilation cache makes
+# the repeats free. Kept per user under /tmp so it never lands in the repo.
+jax.config.update("jax_compilation_cache_dir", os.path.join("/tmp", f"clip_jax_jit_cache_{os.getuid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
