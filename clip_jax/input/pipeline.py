@@ -32,14 +32,25 @@ def open_source(name: str, split: str, data_dir: str):
     base, _, builder_config = name.partition("/")  # tfds "name/config" syntax
     if base in datasets.BUILDERS:
         datasets.prepare(base, data_dir, builder_config or None)
+    how = (
+        f"prepare it there first (e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record` with "
+        "its source files available locally), or point --config.data.data_dir at where it is prepared"
+    )
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception as e:  # unknown name and not a prepared folder either
+        raise DataError(f"cannot find tfds dataset '{name}' in {data_dir} ({_one_line(e)}); {how}") from None
+    if not prepared:
+        raise DataError(f"tfds dataset '{name}' is not prepared in {data_dir}; {how}")
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
-        raise DataError(
-            f"cannot read tfds dataset '{name}' split '{split}' from data_dir {data_dir}: {e}. Prepare it there first "
-            f"(e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record` with the source files "
-            f"available locally), or point --config.data.data_dir at where it is prepared."
-        ) from None
+    except Exception as e:  # e.g. prepared as TFRecord (no random access) or a missing split
+        raise DataError(f"cannot read '{name}' split '{split}' from {data_dir}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def class_names(cfg) -> list[str]:
