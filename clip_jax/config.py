@@ -59,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.text_key = "caption"  # feature holding the caption
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
     c.data.prefetch = 2  # batches prepared ahead of the train step
+    c.data.cache = False  # decode the whole train split into memory once (small datasets: no per-step decoding)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
