@@ -28,5 +28,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        "bench": ["matplotlib==3.11.2"],  # plots in experiments/
+    },
 )

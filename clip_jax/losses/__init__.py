@@ -35,6 +35,9 @@ def contrastive_loss(img, txt, log_t, bias, *, kind, mesh, batch_axes=("data", "
     spec = validate(img, txt, kind=kind, impl=impl, mesh=mesh, batch_axes=batch_axes, tile=tile)
     log_t = jnp.asarray(log_t, jnp.float32)
     bias = jnp.asarray(bias, jnp.float32)
+    if log_t.shape or bias.shape:
+        raise ValueError(f"log_t and bias must be scalars; got shapes {log_t.shape} and {bias.shape} "
+                         f"(use .reshape(()) on a [1] parameter)")
     if impl == "allgather":
         return allgather_loss(img, txt, log_t, bias, kind=kind, spec=spec)
     return _RING[kind](img, txt, log_t, bias, spec)

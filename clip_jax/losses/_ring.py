@@ -44,10 +44,13 @@ def ring_size(mesh: Mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def tile_cap(n_local: int, dim: int) -> int:
+    return max(1, min(n_local, dim, MAX_TILE_LOGITS // n_local))
+
+
 def default_tile(n_local: int, dim: int) -> int:
     """Largest divisor of n_local that is <= dim and <= MAX_TILE_LOGITS // n_local (at least 1)."""
-    cap = max(1, min(n_local, dim, MAX_TILE_LOGITS // n_local))
-    return max(t for t in range(cap, 0, -1) if n_local % t == 0)
+    return max(t for t in range(tile_cap(n_local, dim), 0, -1) if n_local % t == 0)
 
 
 def validate(img, txt, *, kind: str, impl: str, mesh: Mesh, batch_axes, tile) -> RingSpec:
@@ -71,9 +74,10 @@ def validate(img, txt, *, kind: str, impl: str, mesh: Mesh, batch_axes, tile) ->
     n = batch // size
     if tile is None:
         tile = default_tile(n, img.shape[1])
-        if tile < min(n, 8):  # e.g. a prime n_local: correct, but thousands of tiny matmuls
-            warnings.warn(f"the per-device batch {n} has no divisor between 8 and {img.shape[1]}: default "
-                          f"tile={tile} will be slow; use a batch whose per-device share is a multiple of 8",
+        cap = tile_cap(n, img.shape[1])
+        if 8 * tile < cap:  # e.g. a prime n_local: correct, but thousands of tiny matmuls
+            warnings.warn(f"the per-device batch {n} has no divisor between {cap // 8} and {cap}: default "
+                          f"tile={tile} will be slow; use a batch whose per-device share is a multiple of 64",
                           stacklevel=3)
     elif not (isinstance(tile, int) and 0 < tile and n % tile == 0):
         wanted = tile if isinstance(tile, int) and tile > 0 else default_tile(n, img.shape[1])

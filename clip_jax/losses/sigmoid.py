@@ -33,13 +33,6 @@ def _signed_margin(x_tile, y_blk, t, bias, start, diagonal):
     return logits, v
 
 
-def _softplus_and_sigmoid(v):
-    """(softplus(v), sigmoid(v)) from one exp: e = exp(-|v|) never overflows and serves both."""
-    e = jnp.exp(-jnp.abs(v))
-    inv = 1.0 / (1.0 + e)
-    return jnp.maximum(v, 0.0) + jnp.log1p(e), jnp.where(v >= 0, inv, e * inv)
-
-
 def _forward_local(x, y, log_t, bias, *, spec: RingSpec):
     n, tile, t = x.shape[0], spec.tile, jnp.exp(log_t)
 
@@ -68,12 +61,14 @@ def _value_and_grad_local(x, y, log_t, bias, *, spec: RingSpec):
             total, dx, dlog_t, dbias, dy_blk = carry
             x_tile = _ring.rows(x, start, tile)
             logits, v = _signed_margin(x_tile, y_blk, t, bias, start, diagonal)
-            loss, p = _softplus_and_sigmoid(v)
+            # softplus and sigmoid separately: sharing one exp(-|v|) between them was no faster on XLA:CPU and
+            # kept two more [tile, n] temporaries alive (+30% temp memory at B=65536, D=8).
+            p = jax.nn.sigmoid(v)
             if diagonal:  # the derivative carries -z: +1 for negatives, -1 on the positive diagonal
                 p = jnp.where(_ring.diagonal_mask(start, tile, n), -p, p)
             dx_tile, dy_part = _ring.grad_products(p, x_tile, y_blk)
             dx = _ring.put_rows(dx, _ring.rows(dx, start, tile) + dx_tile, start)
-            return (total + jnp.sum(loss), dx, dlog_t + jnp.sum(p * logits), dbias + jnp.sum(p),
+            return (total + jnp.sum(jax.nn.softplus(v)), dx, dlog_t + jnp.sum(p * logits), dbias + jnp.sum(p),
                     dy_blk + dy_part)
 
         total, dx, dlog_t, dbias = local

@@ -3,6 +3,7 @@
 Used functionally by the trainer: `graphdef, state = nnx.split(model)` once, then
 `nnx.merge(graphdef, params)` inside a jitted pure function. __call__ mutates nothing and needs no RNG.
 """
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -50,3 +51,17 @@ def param_counts(model):
   """{'image': n, 'text': n, 'total': n}; 'total' includes log_t and bias."""
   return {"image": layers.param_count(model.image), "text": layers.param_count(model.text),
           "total": layers.param_count(model)}
+
+
+def weight_decay_mask(params):
+  """True for the parameters to decay: kernels and embedding tables; False for biases, LayerNorm parameters,
+  the cls token, the MAP probe, log_t and bias.
+
+  Decided by name, not ndim: block parameters are stacked on a layer axis, so a LayerNorm scale is
+  [depth, width] and per-head biases are [depth, heads, kv]. Works on an nnx.State or a plain dict.
+  """
+  def decay(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return names[-1].endswith("kernel") or names[-1].endswith("_embedding")
+
+  return jax.tree_util.tree_map_with_path(decay, params)
