@@ -107,7 +107,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9  # AdamW beta1
     c.optim.b2 = 0.98  # AdamW beta2
     c.optim.eps = 1e-6  # AdamW epsilon
-    c.optim.weight_decay = 0.2  # decoupled; not applied to biases, norms, embeddings' scalars, temperature, bias
+    c.optim.weight_decay = 0.2  # decoupled; kernels and embedding tables only (see optim.py)
     c.optim.clip_norm = 1.0  # global gradient-norm clip (0 = off)
 
     c.eval = ml_collections.ConfigDict()

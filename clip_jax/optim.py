@@ -1,11 +1,13 @@
-"""The optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, and no weight decay on vectors.
+"""The optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, decay on matrices only.
 
-Weight decay applies to matrices only (kernels and embedding tables, ndim >= 2): biases, LayerNorm scales, the
-log-temperature and the SigLIP bias are vectors or scalars, and decaying them hurts (as in CLIP and open_clip).
+Weight decay applies to kernels and embedding tables; biases, LayerNorm parameters, the cls token, the MAP probe,
+the log-temperature and the SigLIP bias are not decayed (as in CLIP and open_clip). The model decides which is
+which by parameter name (`two_tower.weight_decay_mask`), since stacked layers make ndim an unreliable guide.
 """
 
-import jax
 import optax
+
+from clip_jax.models import two_tower
 
 
 def schedule(cfg) -> optax.Schedule:
@@ -20,14 +22,12 @@ def schedule(cfg) -> optax.Schedule:
     )
 
 
-def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
 def make(cfg) -> optax.GradientTransformation:
     o = cfg.optim
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(
-        optax.adamw(schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+        optax.adamw(
+            schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=two_tower.weight_decay_mask
+        )
     )
     return optax.chain(*parts)

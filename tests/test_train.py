@@ -111,3 +111,18 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     _, abstract, other_sh = train.state_shardings(other, mesh, optim.make(other))
     with pytest.raises(checkpoint_lib.CheckpointMismatch, match=r"model.image.width: checkpoint 96 vs config 64"):
         checkpoint_lib.Checkpointer(str(tmp_path / "w"), other).restore(abstract, other_sh, other)
+
+
+def test_weight_decay_reaches_matrices_only():
+    """Decay a zero-gradient model: kernels and embeddings shrink, LayerNorm/bias/temperature do not."""
+    cfg = small_config("unused", **{"optim.weight_decay": 0.5, "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
+    opt = optim.make(cfg)
+    params = jax.tree.map(lambda x: x + 1.0, jax.device_get(train._init_fn(cfg, opt, jax.random.PRNGKey(0))["params"]))
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    flat = {jax.tree_util.keystr(p): np.abs(np.asarray(u)).max() for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    decayed = {k for k, v in flat.items() if v > 0}
+    assert any("token_embedding" in k for k in decayed) and any("kernel" in k for k in decayed)
+    for k in flat:
+        if any(s in k for s in ("'log_t'", "'bias'", "scale", "norm")) and "kernel" not in k:
+            assert k not in decayed, k
