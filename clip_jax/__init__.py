@@ -1,4 +1,5 @@
 """clip_jax: large-batch image-text pretraining (CLIP, SigLIP, CoCa) in JAX."""
+
 import flax
 
 # Parameters carry logical axis names; we place them ourselves (sharding.py) with jit out_shardings, so flax must

@@ -27,7 +27,12 @@ def make(cfg) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(
         optax.adamw(
-            schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=two_tower.weight_decay_mask
+            schedule(cfg),
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=two_tower.weight_decay_mask,
         )
     )
     return optax.chain(*parts)

@@ -5,6 +5,7 @@
 
 Prints, per dataset, the split sizes and the time taken (wall and CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,19 +21,16 @@ from clip_jax import datasets  # pylint: disable=g-import-not-at-top
 
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="clip_shapes",
-                        choices=sorted(datasets.BUILDERS) + ["all"])
+    parser.add_argument("--name", default="clip_shapes", choices=sorted(datasets.BUILDERS) + ["all"])
     parser.add_argument("--data_dir", default="./tfds_data")
-    parser.add_argument("--config", default=None,
-                        help="builder config name (default: the builder's)")
+    parser.add_argument("--config", default=None, help="builder config name (default: the builder's)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.config and args.name == "all":
-        raise SystemExit("--config names one builder's config; use it with "
-                         "a single --name")
+        raise SystemExit("--config names one builder's config; use it with a single --name")
     # One summary line per dataset instead of tqdm bars in logs.
     datasets.tfds.disable_progress_bar()
     names = sorted(datasets.BUILDERS) if args.name == "all" else [args.name]
@@ -40,10 +38,11 @@ def main(argv=None) -> int:
         wall, cpu = time.perf_counter(), time.process_time()
         builder = datasets.prepare(name, args.data_dir, args.config)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        counts = ", ".join(f"{split}={info.num_examples}"
-                           for split, info in builder.info.splits.items())
-        print(f"{builder.info.full_name} in {builder.data_dir}: {counts}; "
-              f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        counts = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
+        print(
+            f"{builder.info.full_name} in {builder.data_dir}: {counts}; {wall:.1f} s wall, {cpu:.1f} s CPU",
+            flush=True,
+        )
     return 0
 
 

@@ -14,6 +14,7 @@ Methods:
 Compiling needs no memory of the sizes it reports, so by default every method is compiled at every size; with
 --max-logits-bytes a method whose logits per device would exceed that is not compiled and is reported as skipped.
 """
+
 import argparse
 import os
 import sys
@@ -25,18 +26,32 @@ def parse_args():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--batches", default="4096,16384,65536,262144,1048576")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"),
-                   help="gpu: compile for the real accelerators present (--devices must not exceed their count)")
+    p.add_argument(
+        "--platform",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="gpu: compile for the real accelerators present (--devices must not exceed their count)",
+    )
     p.add_argument("--flat-n", type=int, default=32768, help="n_local of the flatness-in-D table")
     p.add_argument("--flat-devices", default="4,8,16,32", help="ring sizes of the flatness-in-D table ('' = skip)")
-    p.add_argument("--max-logits-bytes", type=float, default=float("inf"),
-                   help="skip (do not compile) methods whose logits per device would exceed this many bytes")
-    p.add_argument("--run", action="store_true",
-                   help="also run ours once per size, record the device's peak_bytes_in_use (GPU)")
+    p.add_argument(
+        "--max-logits-bytes",
+        type=float,
+        default=float("inf"),
+        help="skip (do not compile) methods whose logits per device would exceed this many bytes",
+    )
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="also run ours once per size, record the device's peak_bytes_in_use (GPU)",
+    )
     p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # internal: METHOD:BATCH, see measured_peak
     p.add_argument("--json", action="store_true", help="also write experiments/results/loss_memory_D{D}_d{d}.*")
-    p.add_argument("--plot", action="store_true",
-                   help="only gather the CPU runs' JSON into experiments/results/loss_memory.{png,md,json}")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="only gather the CPU runs' JSON into experiments/results/loss_memory.{png,md,json}",
+    )
     return p.parse_args()
 
 
@@ -64,8 +79,14 @@ from clip_jax.losses import reference
 AXES = ("data", "fsdp")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GIB = 2**30
-METHODS = ("ours-softmax", "ours-sigmoid", "allgather-softmax", "allgather-sigmoid", "naive-softmax",
-           "naive-sigmoid")
+METHODS = (
+    "ours-softmax",
+    "ours-sigmoid",
+    "allgather-softmax",
+    "allgather-sigmoid",
+    "naive-softmax",
+    "naive-sigmoid",
+)
 
 
 def loss_fn(method, mesh):
@@ -87,8 +108,15 @@ def logits_bytes(method, batch, devices, dim):
 
 
 def measure(method, batch, devices, dim, dtype, max_logits, run=False):
-    row = {"method": method, "batch": batch, "devices": devices, "dim": dim, "dtype": dtype,
-           "n_local": batch // devices, "logits_bytes": logits_bytes(method, batch, devices, dim)}
+    row = {
+        "method": method,
+        "batch": batch,
+        "devices": devices,
+        "dim": dim,
+        "dtype": dtype,
+        "n_local": batch // devices,
+        "logits_bytes": logits_bytes(method, batch, devices, dim),
+    }
     if method.startswith("ours"):
         row["tile"] = losses.default_tile(batch // devices, dim)
     if row["logits_bytes"] > max_logits:
@@ -114,8 +142,20 @@ def measured_peak(method, batch):
     A fresh process because the peak never resets, and XLA:GPU's autotuner allocates real operands while
     compiling: after compiling the all-gather baseline the peak would be its GEMM's, not ours.
     """
-    cmd = [sys.executable, __file__, "--platform", ARGS.platform, "--devices", str(ARGS.devices), "--dim",
-           str(ARGS.dim), "--dtype", ARGS.dtype, "--peak-of", f"{method}:{batch}"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--platform",
+        ARGS.platform,
+        "--devices",
+        str(ARGS.devices),
+        "--dim",
+        str(ARGS.dim),
+        "--dtype",
+        ARGS.dtype,
+        "--peak-of",
+        f"{method}:{batch}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes_in_use"]
 
@@ -123,8 +163,9 @@ def measured_peak(method, batch):
 def run_for_peak(spec, args):
     method, batch = spec.split(":")
     batch = int(batch)
-    mesh = jax.make_mesh((args.devices, 1), AXES, axis_types=(AxisType.Auto,) * 2,
-                         devices=jax.devices()[:args.devices])
+    mesh = jax.make_mesh(
+        (args.devices, 1), AXES, axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[: args.devices]
+    )
     zeros = jnp.zeros((batch, args.dim), args.dtype, device=NamedSharding(mesh, P(AXES, None)))
     step = jax.jit(jax.value_and_grad(loss_fn(method, mesh), argnums=(0, 1, 2, 3)))
     jax.block_until_ready(step(zeros, zeros, jnp.float32(0.0), jnp.float32(0.0)))
@@ -139,11 +180,17 @@ def tables(rows, flat_rows, args):
     batches = sorted({r["batch"] for r in rows})
     by = {(r["method"], r["batch"]): r for r in rows}
     backend = "XLA:CPU" if args.platform == "cpu" else jax.devices()[0].device_kind
-    out = [(f"Per-device temp GiB of the compiled value-and-grad, D={args.devices}, d={args.dim}, {args.dtype} "
-           f"({backend} memory analysis; arguments + outputs, the local embeddings and their gradients, are "
-           f"{fmt(2 * 2 * (batches[0] // args.devices) * args.dim * jnp.dtype(args.dtype).itemsize)} GiB at "
-           f"B={batches[0]} and scale with n_local). 'skip' = not compiled, see the note below."), "",
-           "| method | " + " | ".join(f"B={b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+    out = [
+        (
+            f"Per-device temp GiB of the compiled value-and-grad, D={args.devices}, d={args.dim}, {args.dtype} "
+            f"({backend} memory analysis; arguments + outputs, the local embeddings and their gradients, are "
+            f"{fmt(2 * 2 * (batches[0] // args.devices) * args.dim * jnp.dtype(args.dtype).itemsize)} GiB at "
+            f"B={batches[0]} and scale with n_local). 'skip' = not compiled, see the note below."
+        ),
+        "",
+        "| method | " + " | ".join(f"B={b}" for b in batches) + " |",
+        "|---" * (len(batches) + 1) + "|",
+    ]
     for m in METHODS:
         cells = [("skip" if "skipped" in by[m, b] else fmt(by[m, b].get("temp_bytes"))) for b in batches]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -164,12 +211,19 @@ def tables(rows, flat_rows, args):
     if skipped:
         out += ["", "Skipped: " + "; ".join(skipped)]
     if flat_rows:
-        out += ["", f"Flatness in D at fixed n_local={args.flat_n}, d={args.dim} (temp GiB, ours):", "",
-                "| D | B | softmax | sigmoid |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"Flatness in D at fixed n_local={args.flat_n}, d={args.dim} (temp GiB, ours):",
+            "",
+            "| D | B | softmax | sigmoid |",
+            "|---|---|---|---|",
+        ]
         for d in sorted({r["devices"] for r in flat_rows}):
             cell = {r["method"]: r for r in flat_rows if r["devices"] == d}
-            out.append(f"| {d} | {d * args.flat_n} | {fmt(cell['ours-softmax']['temp_bytes'])} | "
-                       f"{fmt(cell['ours-sigmoid']['temp_bytes'])} |")
+            out.append(
+                f"| {d} | {d * args.flat_n} | {fmt(cell['ours-softmax']['temp_bytes'])} | "
+                f"{fmt(cell['ours-sigmoid']['temp_bytes'])} |"
+            )
         for kind in ("softmax", "sigmoid"):
             temps = [r["temp_bytes"] for r in flat_rows if r["method"] == f"ours-{kind}"]
             out.append(f"\n{kind}: max/min over D = {max(temps) / min(temps):.3f}")
@@ -178,23 +232,33 @@ def tables(rows, flat_rows, args):
 
 def plot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(f for f in glob.glob(os.path.join(RESULTS, "loss_memory_D*_d*.json"))
-                   if re.fullmatch(r"loss_memory_D\d+_d\d+(_bfloat16)?\.json", os.path.basename(f)))  # CPU runs
+    files = sorted(
+        f
+        for f in glob.glob(os.path.join(RESULTS, "loss_memory_D*_d*.json"))
+        if re.fullmatch(r"loss_memory_D\d+_d\d+(_bfloat16)?\.json", os.path.basename(f))
+    )  # CPU runs
     fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4.5), squeeze=False)
     for ax, path in zip(axes[0], files):
         with open(path) as f:
             data = json.load(f)
         for m in METHODS:
-            pts = [(r["batch"], r["temp_bytes"] / GIB) for r in data["rows"]
-                   if r["method"] == m and "temp_bytes" in r]
+            pts = [
+                (r["batch"], r["temp_bytes"] / GIB) for r in data["rows"] if r["method"] == m and "temp_bytes" in r
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", linestyle="--" if "sigmoid" in m else "-", label=m)
         a = data["args"]
-        ax.set(xscale="log", yscale="log", xlabel="global batch B", ylabel="per-device temp GiB (value+grad)",
-               title=f"D={a['devices']} devices, d={a['dim']}, {a['dtype']}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="global batch B",
+            ylabel="per-device temp GiB (value+grad)",
+            title=f"D={a['devices']} devices, d={a['dim']}, {a['dtype']}",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

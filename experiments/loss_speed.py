@@ -15,6 +15,7 @@ All three run in the same process on the same mesh, so the ratios are like for l
 its gradients in its one pass (6 * B^2 * d / D flops, see clip_jax/losses/sigmoid.py), so it can beat the 8x floor.
 On CPU the D simulated devices share this machine's cores: only the ratios mean anything beyond this machine.
 """
+
 import argparse
 import os
 import sys
@@ -23,8 +24,12 @@ import sys
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (--platform cpu only)")
-    p.add_argument("--platform", default="cpu", choices=("cpu", "gpu"),
-                   help="gpu: use the real accelerators present (D = their count) instead of simulated CPUs")
+    p.add_argument(
+        "--platform",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="gpu: use the real accelerators present (D = their count) instead of simulated CPUs",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--batches", default="1024,2048,4096")
@@ -125,10 +130,19 @@ def bench(kind, batch, args, mesh):
     n = batch // devices
     asked = {int(t) for t in args.tiles.split(",") if t and n % int(t) == 0}
     tiles = sorted({losses.default_tile(n, args.dim)} | asked)
-    row = {"kind": kind, "batch": batch, "n_local": n, "dim": args.dim, "devices": devices,
-           "dtype": args.dtype, "device_kind": jax.devices()[0].device_kind}
-    fns = {"allgather": (loss_step(kind, mesh, "allgather", None), (x, y, *scalars)),
-           "matmul": (matmul_floor(mesh, devices), (x, y))}
+    row = {
+        "kind": kind,
+        "batch": batch,
+        "n_local": n,
+        "dim": args.dim,
+        "devices": devices,
+        "dtype": args.dtype,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+    fns = {
+        "allgather": (loss_step(kind, mesh, "allgather", None), (x, y, *scalars)),
+        "matmul": (matmul_floor(mesh, devices), (x, y)),
+    }
     fns |= {tile: (loss_step(kind, mesh, "ring", tile), (x, y, *scalars)) for tile in tiles}
     times = best_times(fns, args.reps)
     row["allgather_s"], row["matmul_s"] = times.pop("allgather"), times.pop("matmul")
@@ -141,12 +155,21 @@ def bench(kind, batch, args, mesh):
 
 
 def markdown(rows, args):
-    where = (f"XLA:CPU, {len(jax.devices())} simulated devices on {os.cpu_count()} {platform.machine()} cores"
-             if args.platform == "cpu" else f"{len(jax.devices())} x {jax.devices()[0].device_kind}")
-    lines = [(f"Machine: {where}, jax {jax.__version__}, d={args.dim}, {args.dtype} embeddings, value-and-grad "
-              f"step, best of {args.reps} interleaved runs."), "",
-             "| kind | B | n_local | tile | ours s | allgather s | matmul s | ours/allgather | ours/matmul |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    where = (
+        f"XLA:CPU, {len(jax.devices())} simulated devices on {os.cpu_count()} {platform.machine()} cores"
+        if args.platform == "cpu"
+        else f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
+    )
+    lines = [
+        (
+            f"Machine: {where}, jax {jax.__version__}, d={args.dim}, {args.dtype} embeddings, value-and-grad "
+            f"step, best of {args.reps} interleaved runs."
+        ),
+        "",
+        "| kind | B | n_local | tile | ours s | allgather s | matmul s | ours/allgather | ours/matmul |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
     def secs(v):
         return "OOM" if v is None else f"{v:.4f}"
 
@@ -156,9 +179,11 @@ def markdown(rows, args):
     for r in rows:
         for tile, s in r["ours_s"].items():
             mark = " (default)" if tile == r["default_tile"] else ""
-            lines.append(f"| {r['kind']} | {r['batch']} | {r['n_local']} | {tile}{mark} | {secs(s)} | "
-                         f"{secs(r['allgather_s'])} | {secs(r['matmul_s'])} | {ratio(s, r['allgather_s'])} | "
-                         f"{ratio(s, r['matmul_s'])} |")
+            lines.append(
+                f"| {r['kind']} | {r['batch']} | {r['n_local']} | {tile}{mark} | {secs(s)} | "
+                f"{secs(r['allgather_s'])} | {secs(r['matmul_s'])} | {ratio(s, r['allgather_s'])} | "
+                f"{ratio(s, r['matmul_s'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

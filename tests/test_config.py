@@ -1,4 +1,5 @@
 """Config validation: every bad input gets one clear line naming the key, before anything is compiled."""
+
 import os
 import re
 import subprocess
@@ -52,7 +53,9 @@ def test_wrong_type_is_refused():
 def test_batch_not_divisible_by_devices():
     cfg = tiny_cpu.get_config()
     cfg.batch_size = 100
-    with pytest.raises(config_lib.ConfigError, match=r"batch_size=100 does not divide over the 8 devices.*96 or 104"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"batch_size=100 does not divide over the 8 devices.*96 or 104"
+    ):
         config_lib.validate(cfg, 8)
 
 
@@ -80,15 +83,27 @@ def test_mesh_shape(data, fsdp, expect):
 
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "clip_jax.main", "train", "--workdir=/nonexistent/never", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.main", "train", "--workdir=/nonexistent/never", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("arg,message", [
-    ("--config.batchsize=3", "unknown config key 'batchsize' in --config.batchsize=3; did you mean 'batch_size'?"),
-    ("--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
-    ("--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
-])
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        (
+            "--config.batchsize=3",
+            "unknown config key 'batchsize' in --config.batchsize=3; did you mean 'batch_size'?",
+        ),
+        ("--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
+        ("--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+    ],
+)
 def test_cli_prints_one_line_and_exits_2(arg, message):
     proc = _cli(arg)
     assert proc.returncode == 2, proc.stderr[-2000:]

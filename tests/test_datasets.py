@@ -4,6 +4,7 @@ Small custom configs keep this file fast; the checks on captions use an
 independent reading of the pixels (nearest named colour, areas, centroids),
 not the generator's own bookkeeping.
 """
+
 import hashlib
 import os
 import re
@@ -52,8 +53,10 @@ def shapes_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes_split(shapes_dir):
-    return {split: _records(datasets.data_source(
-        "clip_shapes", split, shapes_dir, _small())) for split in ("train", "test")}
+    return {
+        split: _records(datasets.data_source("clip_shapes", split, shapes_dir, _small()))
+        for split in ("train", "test")
+    }
 
 
 def _mentions(caption: bytes):
@@ -71,8 +74,7 @@ def _nearest_colour(image: np.ndarray):
 
 def _colour_pixels(image, colour: str) -> np.ndarray:
     """Boolean mask of the pixels showing `colour` (shape interiors)."""
-    return _nearest_colour(image.astype(np.float64)) == list(
-        shapes.COLOURS).index(colour)
+    return _nearest_colour(image.astype(np.float64)) == list(shapes.COLOURS).index(colour)
 
 
 def _kind_from_pixels(mask: np.ndarray) -> str:
@@ -82,8 +84,8 @@ def _kind_from_pixels(mask: np.ndarray) -> str:
     rows, cols = np.nonzero(mask)
     height = rows.max() - rows.min() + 1
     fill = mask.sum() / (height * (cols.max() - cols.min() + 1))
-    top = mask[rows.min():rows.min() + height // 2].sum()
-    bottom = mask[rows.max() - height // 2 + 1:rows.max() + 1].sum()
+    top = mask[rows.min() : rows.min() + height // 2].sum()
+    bottom = mask[rows.max() - height // 2 + 1 : rows.max() + 1].sum()
     if fill > 0.95:
         return "square"
     if top < 0.5 * bottom:
@@ -94,8 +96,7 @@ def _kind_from_pixels(mask: np.ndarray) -> str:
 def test_counts_and_class_names(shapes_dir, shapes_split):
     assert len(shapes_split["train"]) == SMALL["num_train"]
     assert len(shapes_split["test"]) == SMALL["num_test"]
-    assert datasets.class_names("clip_shapes")[:2] == ("red circle",
-                                                       "red square")
+    assert datasets.class_names("clip_shapes")[:2] == ("red circle", "red square")
     assert len(shapes.CLASS_NAMES) == 40 and len(shapes.UNSEEN) == 8
     assert shapes.UNSEEN < set(shapes.CLASS_NAMES)
     info = datasets.builder("clip_shapes", shapes_dir, _small()).info
@@ -112,8 +113,7 @@ def test_prepare_is_idempotent(shapes_dir):
 
 def test_preparation_is_deterministic(tmp_path, shapes_split):
     datasets.prepare("clip_shapes", tmp_path, _small())
-    again = _records(datasets.data_source("clip_shapes", "train", tmp_path,
-                                          _small()))
+    again = _records(datasets.data_source("clip_shapes", "train", tmp_path, _small()))
     for first, second in zip(shapes_split["train"], again, strict=True):
         assert first["caption"] == second["caption"]
         np.testing.assert_array_equal(first["image"], second["image"])
@@ -133,8 +133,7 @@ def test_pixels_and_captions_match_the_recorded_checksum():
             digest.update(example["image"].tobytes())
             digest.update(example["caption"].encode())
             digest.update(bytes([example["label"]]))
-    assert digest.hexdigest() == (
-        "411e09cfba32de449b7ac3c89b7a39566b1599022e136819e0c62355e47d86b9")
+    assert digest.hexdigest() == ("411e09cfba32de449b7ac3c89b7a39566b1599022e136819e0c62355e47d86b9")
 
 
 def test_unseen_combinations_never_in_train(shapes_split):
@@ -147,17 +146,14 @@ def test_unseen_combinations_never_in_train(shapes_split):
     assert not drawn & shapes.UNSEEN
     assert len(drawn) == 40 - 8  # every seen combination does occur
     test = shapes_split["test"]
-    assert {shapes.CLASS_NAMES[e["label"]] for e in test} == set(
-        shapes.CLASS_NAMES)
+    assert {shapes.CLASS_NAMES[e["label"]] for e in test} == set(shapes.CLASS_NAMES)
     for example in test:
-        assert example["unseen"] == (shapes.CLASS_NAMES[example["label"]]
-                                     in shapes.UNSEEN)
+        assert example["unseen"] == (shapes.CLASS_NAMES[example["label"]] in shapes.UNSEEN)
 
 
 def test_prompts_are_phrased_like_captions(shapes_split):
     prompts = datasets.prompts("clip_shapes")
-    assert prompts[shapes.CLASS_NAMES.index("orange circle")][0] == (
-        "an orange circle")
+    assert prompts[shapes.CLASS_NAMES.index("orange circle")][0] == ("an orange circle")
     matched = 0
     for example in shapes_split["train"]:
         caption = example["caption"].decode()
@@ -171,15 +167,14 @@ def test_prompts_are_phrased_like_captions(shapes_split):
 def test_test_captions_match_label_and_pixels(shapes_split):
     areas = {"small": [], "large": []}
     for example in shapes_split["test"]:
-        (size, colour, kind), = _mentions(example["caption"])
+        ((size, colour, kind),) = _mentions(example["caption"])
         assert f"{colour} {kind}" == shapes.CLASS_NAMES[example["label"]]
         found = _nearest_colour(example["image"].astype(np.float64))
         counts = np.bincount(found[found >= 0], minlength=len(shapes.COLOURS))
         assert list(shapes.COLOURS)[counts.argmax()] == colour
         # Nearly all shape pixels have the named colour (edges blend).
         assert counts.max() >= 0.9 * counts.sum()
-        assert kind in _kind_from_pixels(_colour_pixels(example["image"],
-                                                        colour))
+        assert kind in _kind_from_pixels(_colour_pixels(example["image"], colour))
         if size:
             areas[size].append(counts.max())
     # Sizes named in captions agree with the drawn areas.
@@ -200,8 +195,7 @@ def test_train_captions_match_pixels(shapes_split):
             continue
         # The first shape lies on the side the relation names.
         first = np.argwhere(_colour_pixels(example["image"], colour)).mean(0)
-        second = np.argwhere(
-            _colour_pixels(example["image"], mentions[1][1])).mean(0)
+        second = np.argwhere(_colour_pixels(example["image"], mentions[1][1])).mean(0)
         axis = 0 if where.group(1) in ("above", "below") else 1
         sign = -1 if where.group(1) in ("above", "left") else 1
         assert sign * (first[axis] - second[axis]) > 0, caption
@@ -220,8 +214,7 @@ def test_single_shape_positions(shapes_split):
         row, col = np.argwhere(_colour_pixels(example["image"], colour)).mean(0)
         centre = example["image"].shape[0] / 2
         side = where.group(1) or where.group(2)
-        offset = {"left": centre - col, "right": col - centre,
-                  "top": centre - row, "bottom": row - centre}[side]
+        offset = {"left": centre - col, "right": col - centre, "top": centre - row, "bottom": row - centre}[side]
         assert offset > 2, caption
         checked += 1
     assert checked > 20
@@ -236,6 +229,7 @@ def digits_dir(tmp_path_factory):
 
 def test_digits_match_sklearn(digits_dir):
     from sklearn.datasets import load_digits
+
     source = load_digits()
     seen = []
     for split in ("train", "test"):
@@ -251,8 +245,7 @@ def test_digits_match_sklearn(digits_dir):
             np.testing.assert_array_equal(small, expected)
             assert record["label"] == source.target[index]
             digit = source.target[index]
-            assert (f"{digit}" in record["caption"].decode()
-                    or digits.WORDS[digit] in record["caption"].decode())
+            assert f"{digit}" in record["caption"].decode() or digits.WORDS[digit] in record["caption"].decode()
             seen.append(index)
         if split == "train":
             assert 0.78 < len(records) / len(source.target) < 0.82
@@ -261,8 +254,8 @@ def test_digits_match_sklearn(digits_dir):
 
 def test_tfds_data_source_reads_registered_builder(digits_dir, shapes_dir):
     import tensorflow_datasets as tfds
-    source = tfds.data_source("clip_digits", data_dir=os.fspath(digits_dir),
-                              split="test")
+
+    source = tfds.data_source("clip_digits", data_dir=os.fspath(digits_dir), split="test")
     record = source[0]
     assert record["image"].dtype == np.uint8
     assert record["image"].shape == (32, 32, 3)
@@ -270,8 +263,7 @@ def test_tfds_data_source_reads_registered_builder(digits_dir, shapes_dir):
     assert 0 <= record["label"] < 10
     # A custom config is not registered by name: read it from its directory.
     path = shapes_dir / "clip_shapes" / "small" / "1.0.0"
-    direct = tfds.builder_from_directory(os.fspath(path)).as_data_source(
-        split="test")
+    direct = tfds.builder_from_directory(os.fspath(path)).as_data_source(split="test")
     ours = datasets.data_source("clip_shapes", "test", shapes_dir, _small())
     assert direct[3]["caption"] == ours[3]["caption"]
     np.testing.assert_array_equal(direct[3]["image"], ours[3]["image"])

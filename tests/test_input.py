@@ -1,4 +1,5 @@
 """Tokenizer, image conversion, and the grain pipeline's determinism and resumability."""
+
 import os
 import sys
 
@@ -84,5 +85,7 @@ def test_eval_batches_pad_and_mask(cfg):
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
-    with pytest.raises(pipeline.DataError, match=r"tfds dataset 'imagenet2012' is not prepared in .*; prepare it there first"):
+    with pytest.raises(
+        pipeline.DataError, match=r"tfds dataset 'imagenet2012' is not prepared in .*; prepare it there first"
+    ):
         pipeline.open_source("imagenet2012", "validation", str(tmp_path))

@@ -4,6 +4,7 @@ Ground truth is clip_jax.losses.reference (dense B x B, fp32, HIGHEST precision)
 max |ours - ref| / max |ref| (relative to the array's scale, so entries that cancel to ~0 do not divide by ~0).
 Both sides differentiate COTANGENT * loss so a backward that ignores its incoming cotangent is caught.
 """
+
 import math
 import re
 
@@ -135,6 +136,7 @@ def test_bf16_inputs(kind):
 
 # ----------------------------------------------------------------------------------------- memory: no n x B buffer
 
+
 def compiled_step(kind, impl, shape, n_local, dim=24, tile=4):
     mesh = make_mesh(shape)
     batch = n_local * math.prod(shape)
@@ -167,6 +169,7 @@ def test_no_batch_sized_logits(kind):
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_temp_memory_flat_in_device_count(kind):
     """At fixed n_local the compiled temp bytes must not grow with D (all-gather's grow ~linearly)."""
+
     def temp(impl, shape):
         return compiled_step(kind, impl, shape, 256, dim=64, tile=16).memory_analysis().temp_size_in_bytes
 
@@ -176,6 +179,7 @@ def test_temp_memory_flat_in_device_count(kind):
 
 
 # ------------------------------------------------------------------------------------------------------ errors
+
 
 def test_tile_must_divide_local_batch():
     mesh = make_mesh((8, 1))
@@ -195,22 +199,39 @@ def test_batch_must_divide_over_devices():
 
 def test_scalars_must_be_scalars():
     with pytest.raises(ValueError, match=r"log_t and bias must be scalars; got shapes \(1,\) and \(\)"):
-        losses.contrastive_loss(jnp.zeros((16, 8)), jnp.zeros((16, 8)), jnp.zeros((1,)), 0.0, kind="softmax",
-                                mesh=make_mesh((2, 4)))
+        losses.contrastive_loss(
+            jnp.zeros((16, 8)), jnp.zeros((16, 8)), jnp.zeros((1,)), 0.0, kind="softmax", mesh=make_mesh((2, 4))
+        )
 
 
-@pytest.mark.parametrize("bad,match", [({"kind": "clip"}, r"kind='clip'.*softmax.*sigmoid"),
-                                       ({"impl": "dense"}, r"impl='dense'.*ring.*allgather"),
-                                       ({"batch_axes": ("data", "model")}, r"\['model'\] are not axes")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"kind": "clip"}, r"kind='clip'.*softmax.*sigmoid"),
+        ({"impl": "dense"}, r"impl='dense'.*ring.*allgather"),
+        ({"batch_axes": ("data", "model")}, r"\['model'\] are not axes"),
+    ],
+)
 def test_bad_arguments(bad, match):
     kw = {"kind": "softmax", "mesh": make_mesh((2, 4)), "impl": "ring"} | bad
     with pytest.raises(ValueError, match=match):
         losses.contrastive_loss(jnp.zeros((16, 8)), jnp.zeros((16, 8)), 0.0, 0.0, **kw)
 
 
-@pytest.mark.parametrize("n_local,dim,expected", [
-    (1, 512, 1), (12, 512, 12), (1000, 512, 500), (4096, 512, 512), (8192, 768, 512), (131072, 512, 256),
-    (32768, 768, 512), (1031, 512, 1), (12, 8, 6)])
+@pytest.mark.parametrize(
+    "n_local,dim,expected",
+    [
+        (1, 512, 1),
+        (12, 512, 12),
+        (1000, 512, 500),
+        (4096, 512, 512),
+        (8192, 768, 512),
+        (131072, 512, 256),
+        (32768, 768, 512),
+        (1031, 512, 1),
+        (12, 8, 6),
+    ],
+)
 def test_default_tile(n_local, dim, expected):
     """Largest divisor of n_local with tile <= d and tile * n_local <= 2**25 (a prime n_local gets 1)."""
     assert losses.default_tile(n_local, dim) == expected

@@ -3,6 +3,7 @@
 Nothing is allocated: the state and batch are abstract (ShapeDtypeStruct with shardings); XLA compiles the real
 step for an (2, 4) data x fsdp mesh at a batch of 16, which is what a pod would run with a larger batch.
 """
+
 import os
 import sys
 
@@ -30,8 +31,10 @@ def test_paper_config_compiles_its_train_step(module, kind, params_m):
     n_params = two_tower.param_count(abstract["params"])
     assert abs(n_params / 1e6 - params_m) < 1.0, n_params
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-             for k, v in train.abstract_batch(cfg).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+        for k, v in train.abstract_batch(cfg).items()
+    }
     compiled = train.compile_step(cfg, mesh, opt, graphdef, shardings).lower(state, batch).compile()
     mem = compiled.memory_analysis()
     # FSDP over 4 devices: the arguments held per device are well below one full fp32 copy of params + moments.

@@ -1,4 +1,5 @@
 """End-to-end training on the embedded shapes data, checkpoints and exact resume, on 8 simulated devices."""
+
 import os
 import sys
 
@@ -117,10 +118,15 @@ def test_weight_decay_reaches_matrices_only():
     """Decay a zero-gradient model: kernels and embeddings shrink, LayerNorm/bias/temperature do not."""
     cfg = small_config("unused", **{"optim.weight_decay": 0.5, "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
     opt = optim.make(cfg)
-    params = jax.tree.map(lambda x: x + 1.0, jax.device_get(train._init_fn(cfg, opt, jax.random.PRNGKey(0))["params"]))
+    params = jax.tree.map(
+        lambda x: x + 1.0, jax.device_get(train._init_fn(cfg, opt, jax.random.PRNGKey(0))["params"])
+    )
     zeros = jax.tree.map(np.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
-    flat = {jax.tree_util.keystr(p): np.abs(np.asarray(u)).max() for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    flat = {
+        jax.tree_util.keystr(p): np.abs(np.asarray(u)).max()
+        for p, u in jax.tree_util.tree_leaves_with_path(updates)
+    }
     decayed = {k for k, v in flat.items() if v > 0}
     assert any("token_embedding" in k for k in decayed) and any("kernel" in k for k in decayed)
     for k in flat:

@@ -13,6 +13,7 @@ are read with `tfds.data_source` / grain without TensorFlow:
 Nothing here reaches the network: builders are constructed from their classes
 (never looked up on GCS) and preparation runs with GCS downloads disabled.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,27 +48,23 @@ def prompts(name: str) -> tuple[tuple[str, ...], ...]:
     training captions: prompts("clip_shapes")[25][0] == "an orange circle"."""
     fix = shapes.with_articles if name == "clip_shapes" else str
     return tuple(
-        tuple(fix(template.format(label)) for template in PROMPT_TEMPLATES[name])
-        for label in class_names(name))
+        tuple(fix(template.format(label)) for template in PROMPT_TEMPLATES[name]) for label in class_names(name)
+    )
 
 
 def _check_name(name: str) -> str:
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of "
-                         f"{sorted(BUILDERS)}")
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
     return name
 
 
-def builder(name: str, data_dir: str | os.PathLike,
-            config: str | tfds.core.BuilderConfig | None = None):
+def builder(name: str, data_dir: str | os.PathLike, config: str | tfds.core.BuilderConfig | None = None):
     """The builder for `name` (config: a name like "64px", or a config object)."""
     cls = BUILDERS[_check_name(name)]
-    return cls(data_dir=os.fspath(data_dir), config=config,
-               file_format=FILE_FORMAT)
+    return cls(data_dir=os.fspath(data_dir), config=config, file_format=FILE_FORMAT)
 
 
-def prepare(name: str, data_dir: str | os.PathLike,
-            config: str | tfds.core.BuilderConfig | None = None):
+def prepare(name: str, data_dir: str | os.PathLike, config: str | tfds.core.BuilderConfig | None = None):
     """Generates `name` in data_dir unless already there; returns the builder.
 
     Idempotent: a prepared dataset is detected from its files and reused.
@@ -80,13 +77,13 @@ def prepare(name: str, data_dir: str | os.PathLike,
         try_download_gcs=False,
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
     )
-    result.download_and_prepare(download_config=download_config,
-                                file_format=FILE_FORMAT)
+    result.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
     return result
 
 
-def data_source(name: str, split: str, data_dir: str | os.PathLike,
-                config: str | tfds.core.BuilderConfig | None = None):
+def data_source(
+    name: str, split: str, data_dir: str | os.PathLike, config: str | tfds.core.BuilderConfig | None = None
+):
     """Random-access source over a prepared split (no TensorFlow, no download).
 
     Raises a clear error if the dataset has not been prepared, instead of
@@ -96,5 +93,6 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike,
     if not result.is_prepared():
         raise FileNotFoundError(
             f"{name} is not prepared in {result.data_dir}; run "
-            f"`python data/prepare.py --name {name} --data_dir {data_dir}`")
+            f"`python data/prepare.py --name {name} --data_dir {data_dir}`"
+        )
     return result.as_data_source(split=split)

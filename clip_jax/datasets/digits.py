@@ -8,6 +8,7 @@ templates ('a photo of the number "3"', 'the digit three', ...); labels are the
 ClassLabel names "0".."9". A fixed, class-stratified ~80/20 split gives
 train (1,438) and test (359).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,7 @@ import tensorflow_datasets as tfds
 from clip_jax.datasets import shapes
 
 CLASS_NAMES = tuple(str(d) for d in range(10))
-WORDS = ("zero", "one", "two", "three", "four",
-         "five", "six", "seven", "eight", "nine")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_TEMPLATES = (
     'a photo of the number "{digit}"',
     "a handwritten {digit}",
@@ -45,6 +45,7 @@ def load_source() -> tuple[np.ndarray, np.ndarray]:
     # Imported here: scikit-learn takes seconds to import and only
     # preparation needs it.
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
     digits = load_digits()
     return digits.images, digits.target
 
@@ -65,8 +66,7 @@ def split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 def to_rgb(image: np.ndarray, image_size: int) -> np.ndarray:
     """8x8 values 0..16 -> image_size^2 x 3 uint8 by pixel replication."""
     if image_size % image.shape[0]:
-        raise ValueError(f"image_size {image_size} is not a multiple of "
-                         f"{image.shape[0]}")
+        raise ValueError(f"image_size {image_size} is not a multiple of {image.shape[0]}")
     scale = image_size // image.shape[0]
     grey = np.round(image * (255.0 / 16.0)).astype(np.uint8)
     grey = np.repeat(np.repeat(grey, scale, axis=0), scale, axis=1)
@@ -88,14 +88,14 @@ class ClipDigits(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(
-                    shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                "index": tfds.features.Scalar(
-                    dtype=np.int32, doc="row in sklearn's load_digits()"),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                    "index": tfds.features.Scalar(dtype=np.int32, doc="row in sklearn's load_digits()"),
+                }
+            ),
             supervised_keys=("image", "caption"),
             description=__doc__,
         )
@@ -108,17 +108,19 @@ class ClipDigits(tfds.core.GeneratorBasedBuilder):
         rng = np.random.default_rng((self.builder_config.seed, 1))
         templates = rng.integers(len(CAPTION_TEMPLATES), size=len(labels))
         return {
-            name: self._generate_examples(images, labels, templates, indices)
-            for name, indices in splits.items()
+            name: self._generate_examples(images, labels, templates, indices) for name, indices in splits.items()
         }
 
     def _generate_examples(self, images, labels, templates, indices):
         size = self.builder_config.image_size
         for index in indices:
             digit = int(labels[index])
-            yield int(index), {
-                "image": shapes.encode_png(to_rgb(images[index], size)),
-                "caption": caption(digit, int(templates[index])),
-                "label": digit,
-                "index": int(index),
-            }
+            yield (
+                int(index),
+                {
+                    "image": shapes.encode_png(to_rgb(images[index], size)),
+                    "caption": caption(digit, int(templates[index])),
+                    "label": digit,
+                    "index": int(index),
+                },
+            )

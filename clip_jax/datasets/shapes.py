@@ -11,6 +11,7 @@ Everything is drawn by numpy from a seed per chunk of 500 examples and
 rasterised with exact float arithmetic (no font or Pillow drawing code), so the
 pixels and captions are identical on every machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +38,18 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 # Held out of train: one shape per colour, chosen so every kind is held out for
 # at least one colour (a model must compose colour and shape, not memorise).
-UNSEEN = frozenset({
-    "red triangle", "green cross", "blue square", "yellow diamond",
-    "purple circle", "orange triangle", "cyan cross", "white square",
-})
+UNSEEN = frozenset(
+    {
+        "red triangle",
+        "green cross",
+        "blue square",
+        "yellow diamond",
+        "purple circle",
+        "orange triangle",
+        "cyan cross",
+        "white square",
+    }
+)
 SEEN_CLASSES = tuple(i for i, n in enumerate(CLASS_NAMES) if n not in UNSEEN)
 
 # Half-extent of a shape as a fraction of the image side.
@@ -144,14 +153,12 @@ def render(layouts, image_size: int, backgrounds: np.ndarray) -> np.ndarray:
         drawn = [layouts[i][slot] for i in rows]
         kinds = np.array([SHAPES.index(shape[0]) for shape in drawn])
         rgb = np.array([shape[1] for shape in drawn])
-        cx, cy, r = (np.array([shape[j] for shape in drawn])[:, None, None]
-                     for j in (2, 3, 4))
+        cx, cy, r = (np.array([shape[j] for shape in drawn])[:, None, None] for j in (2, 3, 4))
         mask = np.zeros((len(rows), len(axis), len(axis)), bool)
         for index, kind in enumerate(SHAPES):
             sel = kinds == index
             if sel.any():
-                mask[sel] = shape_mask(kind, cx[sel], cy[sel], r[sel],
-                                       axis[None, None, :], axis[None, :, None])
+                mask[sel] = shape_mask(kind, cx[sel], cy[sel], r[sel], axis[None, None, :], axis[None, :, None])
         # Fraction of each pixel's k x k samples inside (strided adds are
         # several times faster than a reduction over two inner axes).
         cover = np.zeros((len(rows), image_size, image_size))
@@ -218,11 +225,12 @@ def _plan_chunk(split: str, chunk: int, config: ShapesConfig) -> dict:
         # Cycle through all classes so the test split is balanced.
         first = (chunk * n + np.arange(n)) % len(CLASS_NAMES)
     return {
-        "first": first, "second": second,
+        "first": first,
+        "second": second,
         "pair": (rng.uniform(size=n) < 0.5) & (split == "train"),
-        "background": np.clip(rng.uniform(15, 70, size=(n, 1, 1))
-                              + rng.normal(0.0, 4.0, size=(n, size, size)),
-                              0, 255),
+        "background": np.clip(
+            rng.uniform(15, 70, size=(n, 1, 1)) + rng.normal(0.0, 4.0, size=(n, size, size)), 0, 255
+        ),
         # Per-shape colour jitter; far smaller than the distances between
         # the named colours, so every pixel stays nearest its colour's name.
         "jitter": rng.uniform(-10, 10, size=(n, 2, 3)),
@@ -231,8 +239,7 @@ def _plan_chunk(split: str, chunk: int, config: ShapesConfig) -> dict:
         "where": rng.integers(len(_WHERE), size=n),
         "relation": rng.integers(len(_RELATIONS), size=n),
         # Taken modulo either template count; the product keeps both uniform.
-        "template": rng.integers(len(SINGLE_TEMPLATES) * len(PAIR_TEMPLATES),
-                                 size=n),
+        "template": rng.integers(len(SINGLE_TEMPLATES) * len(PAIR_TEMPLATES), size=n),
         "u": rng.uniform(size=(n, 4)),
     }
 
@@ -260,21 +267,23 @@ def _layout(plan: dict, i: int) -> tuple[list, str]:
         relation = list(_RELATIONS)[plan["relation"][i]]
         r1, r2 = SIZES[sizes[0]], SIZES[sizes[1]]
         c1, c2 = _pair_centres(relation, r1, r2, u)
-        shapes = [(kind1, _rgb(colour1, jitter[0]), *c1, r1),
-                  (kind2, _rgb(colour2, jitter[1]), *c2, r2)]
+        shapes = [(kind1, _rgb(colour1, jitter[0]), *c1, r1), (kind2, _rgb(colour2, jitter[1]), *c2, r2)]
         template = PAIR_TEMPLATES[plan["template"][i] % len(PAIR_TEMPLATES)]
         caption = template.format(
-            size=sizes[0], colour=colour1, shape=kind1, relation=relation,
-            size2=sizes[1], colour2=colour2, shape2=kind2)
+            size=sizes[0],
+            colour=colour1,
+            shape=kind1,
+            relation=relation,
+            size2=sizes[1],
+            colour2=colour2,
+            shape2=kind2,
+        )
     else:
         size = list(SIZES)[plan["size"][i]]
         where = list(_WHERE)[plan["where"][i]]
-        shapes = [(kind1, _rgb(colour1, jitter[0]),
-                   *_single_centre(where, SIZES[size], u), SIZES[size])]
-        template = SINGLE_TEMPLATES[
-            plan["template"][i] % len(SINGLE_TEMPLATES)]
-        caption = template.format(
-            size=size, colour=colour1, shape=kind1, where=where)
+        shapes = [(kind1, _rgb(colour1, jitter[0]), *_single_centre(where, SIZES[size], u), SIZES[size])]
+        template = SINGLE_TEMPLATES[plan["template"][i] % len(SINGLE_TEMPLATES)]
+        caption = template.format(size=size, colour=colour1, shape=kind1, where=where)
     return shapes, with_articles(caption)
 
 
@@ -286,17 +295,19 @@ def make_examples(split: str, count: int, config: ShapesConfig):
     for chunk in range(-(-count // _CHUNK)):
         plan = _plan_chunk(split, chunk, config)
         size = min(_CHUNK, count - chunk * _CHUNK)
-        layouts, captions = zip(*(_layout(plan, i) for i in range(size)),
-                                 strict=True)
+        layouts, captions = zip(*(_layout(plan, i) for i in range(size)), strict=True)
         images = render(layouts, config.image_size, plan["background"][:size])
         for i in range(size):
             label = int(plan["first"][i])
-            yield chunk * _CHUNK + i, {
-                "image": images[i],
-                "caption": captions[i],
-                "label": label,
-                "unseen": CLASS_NAMES[label] in UNSEEN,
-            }
+            yield (
+                chunk * _CHUNK + i,
+                {
+                    "image": images[i],
+                    "caption": captions[i],
+                    "label": label,
+                    "unseen": CLASS_NAMES[label] in UNSEEN,
+                },
+            )
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -311,13 +322,15 @@ def encode_png(image: np.ndarray) -> bytes:
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         body = tag + data
-        return (struct.pack(">I", len(data)) + body
-                + struct.pack(">I", zlib.crc32(body)))
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+        + chunk(b"IEND", b"")
+    )
 
 
 class ClipShapes(tfds.core.GeneratorBasedBuilder):
@@ -327,25 +340,23 @@ class ClipShapes(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="32x32, 50k train, 2k test"),
-        ShapesConfig(name="64px", image_size=64,
-                     description="64x64, 50k train, 2k test"),
+        ShapesConfig(name="64px", image_size=64, description="64x64, 50k train, 2k test"),
         # For tests and smoke runs: prepares in about a second.
-        ShapesConfig(name="small", num_train=4_000, num_test=400,
-                     description="32x32, 4k train, 400 test"),
+        ShapesConfig(name="small", num_train=4_000, num_test=400, description="32x32, 4k train, 400 test"),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(
-                    shape=(size, size, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                "unseen": tfds.features.Scalar(
-                    dtype=np.bool_, doc="colour-shape pair absent from train"),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                    "unseen": tfds.features.Scalar(dtype=np.bool_, doc="colour-shape pair absent from train"),
+                }
+            ),
             supervised_keys=("image", "caption"),
             description=__doc__,
         )

@@ -8,6 +8,7 @@ impl="ring" (default): memory-flat ring + tiles + custom backward (softmax.py, s
 O(n_local * d + tile * n_local), independent of the global batch. impl="allgather": the n_local x B baseline.
 reference.py holds the dense single-device versions used as ground truth in the tests.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -36,8 +37,10 @@ def contrastive_loss(img, txt, log_t, bias, *, kind, mesh, batch_axes=("data", "
     log_t = jnp.asarray(log_t, jnp.float32)
     bias = jnp.asarray(bias, jnp.float32)
     if log_t.shape or bias.shape:
-        raise ValueError(f"log_t and bias must be scalars; got shapes {log_t.shape} and {bias.shape} "
-                         f"(use .reshape(()) on a [1] parameter)")
+        raise ValueError(
+            f"log_t and bias must be scalars; got shapes {log_t.shape} and {bias.shape} "
+            f"(use .reshape(()) on a [1] parameter)"
+        )
     if impl == "allgather":
         return allgather_loss(img, txt, log_t, bias, kind=kind, spec=spec)
     return _RING[kind](img, txt, log_t, bias, spec)

@@ -4,6 +4,7 @@ Everything here runs per device inside `jax.shard_map` except `validate` and `de
 time on static shapes. The two loss modules (softmax.py, sigmoid.py) only supply what happens to one tile of
 logits; the order of ring steps, the hops and the tiling live here so both losses share one tested skeleton.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,32 +63,40 @@ def validate(img, txt, *, kind: str, impl: str, mesh: Mesh, batch_axes, tile) ->
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     missing = [a for a in axes if a not in mesh.shape]
     if missing:
-        raise ValueError(f"batch_axes {missing} are not axes of the mesh {dict(mesh.shape)}; use some of "
-                         f"{tuple(mesh.shape)}")
+        raise ValueError(
+            f"batch_axes {missing} are not axes of the mesh {dict(mesh.shape)}; use some of {tuple(mesh.shape)}"
+        )
     if img.ndim != 2 or img.shape != txt.shape:
         raise ValueError(f"img and txt must both be [B, d]; got {img.shape} and {txt.shape}")
     size = ring_size(mesh, axes)
     batch = img.shape[0]
     if batch % size:
-        raise ValueError(f"global batch B={batch} does not divide over the {size} devices of batch_axes {axes}; "
-                         f"use a batch that is a multiple of {size}")
+        raise ValueError(
+            f"global batch B={batch} does not divide over the {size} devices of batch_axes {axes}; "
+            f"use a batch that is a multiple of {size}"
+        )
     n = batch // size
     if tile is None:
         tile = default_tile(n, img.shape[1])
         cap = tile_cap(n, img.shape[1])
         if 8 * tile < cap:  # e.g. a prime n_local: correct, but thousands of tiny matmuls
-            warnings.warn(f"the per-device batch {n} has no divisor between {cap // 8} and {cap}: default "
-                          f"tile={tile} will be slow; use a batch whose per-device share is a multiple of 64",
-                          stacklevel=3)
+            warnings.warn(
+                f"the per-device batch {n} has no divisor between {cap // 8} and {cap}: default "
+                f"tile={tile} will be slow; use a batch whose per-device share is a multiple of 64",
+                stacklevel=3,
+            )
     elif not (isinstance(tile, int) and 0 < tile and n % tile == 0):
         wanted = tile if isinstance(tile, int) and tile > 0 else default_tile(n, img.shape[1])
         nearest = min((t for t in range(1, n + 1) if n % t == 0), key=lambda t: (abs(t - wanted), -t))
-        raise ValueError(f"tile={tile} does not divide the per-device batch {n} (B={batch} over {size} devices); "
-                         f"choose a divisor of {n} such as {nearest}")
+        raise ValueError(
+            f"tile={tile} does not divide the per-device batch {n} (B={batch} over {size} devices); "
+            f"choose a divisor of {n} such as {nearest}"
+        )
     return RingSpec(mesh=mesh, axes=axes, size=size, tile=tile, batch=batch)
 
 
 # ----------------------------------------------------------------------------- per-device helpers (in shard_map)
+
 
 def varying(x, axes):
     """Mark a value built from constants as device-varying so it can be a loop carry next to varying values."""
@@ -109,6 +118,7 @@ def run_ring(step: Callable, local, block, spec: RingSpec):
     """
     local, block = step(local, block, True)
     if spec.size > 1:
+
         def body(_, carry):
             loc, blk = carry
             return step(loc, shift(blk, spec), False)

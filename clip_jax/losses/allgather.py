@@ -4,6 +4,7 @@ This is open_clip's "local loss" (each device scores its own rows against every 
 SigLIP equivalent. Memory per device grows with the global batch B; it is kept as the baseline the ring losses
 are benchmarked against and as a second, independent implementation for the tests.
 """
+
 from __future__ import annotations
 
 from functools import partial

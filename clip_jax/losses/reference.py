@@ -3,6 +3,7 @@
 They materialise the full B x B logits in fp32 (HIGHEST matmul precision, so TF32 on GPUs cannot blur the
 reference) and follow DESIGN.md §4 literally. Use them for tests and tiny batches only.
 """
+
 from __future__ import annotations
 
 import jax

@@ -11,6 +11,7 @@ backward would keep) and its backward only scales them by the cotangent. The und
 runs a loss-only ring. The positives (z = +1) all sit on the diagonal of the device's own block, ring step 0;
 the per-tile formulas keep the sign inside the sigmoid/softplus so nothing cancels at saturation.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -68,8 +69,13 @@ def _value_and_grad_local(x, y, log_t, bias, *, spec: RingSpec):
                 p = jnp.where(_ring.diagonal_mask(start, tile, n), -p, p)
             dx_tile, dy_part = _ring.grad_products(p, x_tile, y_blk)
             dx = _ring.put_rows(dx, _ring.rows(dx, start, tile) + dx_tile, start)
-            return (total + jnp.sum(jax.nn.softplus(v)), dx, dlog_t + jnp.sum(p * logits), dbias + jnp.sum(p),
-                    dy_blk + dy_part)
+            return (
+                total + jnp.sum(jax.nn.softplus(v)),
+                dx,
+                dlog_t + jnp.sum(p * logits),
+                dbias + jnp.sum(p),
+                dy_blk + dy_part,
+            )
 
         total, dx, dlog_t, dbias = local
         total, dx, dlog_t, dbias, dy_blk = _ring.over_tiles(tile_fn, (total, dx, dlog_t, dbias, dy_blk), n, tile)
@@ -88,16 +94,19 @@ def _value_and_grad_local(x, y, log_t, bias, *, spec: RingSpec):
 def ring_sigmoid_loss(img, txt, log_t, bias, spec: RingSpec):
     """Mean SigLIP loss of global [B, d] img/txt sharded over spec.axes (forward only: one ring, no gradients)."""
     rows2 = _ring.row_spec(spec, 2)
-    fwd = _ring.sharded(partial(_forward_local, spec=spec), spec,
-                        in_specs=(rows2, rows2, P(), P()), out_specs=P())
+    fwd = _ring.sharded(partial(_forward_local, spec=spec), spec, in_specs=(rows2, rows2, P(), P()), out_specs=P())
     return fwd(img, txt, log_t, bias)
 
 
 def _ring_fwd(img, txt, log_t, bias, spec: RingSpec):
     """Under differentiation the one ring computes the loss and all gradients; backward only scales them by g."""
     rows2 = _ring.row_spec(spec, 2)
-    fwd = _ring.sharded(partial(_value_and_grad_local, spec=spec), spec,
-                        in_specs=(rows2, rows2, P(), P()), out_specs=(P(), rows2, rows2, P(), P()))
+    fwd = _ring.sharded(
+        partial(_value_and_grad_local, spec=spec),
+        spec,
+        in_specs=(rows2, rows2, P(), P()),
+        out_specs=(P(), rows2, rows2, P(), P()),
+    )
     loss, *grads = fwd(img, txt, log_t, bias)
     return loss, tuple(grads)
 

@@ -10,6 +10,7 @@ Backward: dL/ds_ij = (g / 2B) * (exp(s_ij - row_i) + exp(s_ij - col_j) - 2 [i ==
 (y, col LSE, dy) travelling: each tile's logits are recomputed, dx accumulates at home and dy accumulates on the
 travelling block, arriving home one hop after the last step. Saved between passes: x, y, both LSE vectors, log_t.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -79,8 +80,11 @@ def _backward_local(x, y, log_t, row_lse, col_lse, g, *, spec: RingSpec):
         dy = _ring.shift(dy, spec)  # the gradient of our own texts comes home
     scale = g / (2 * spec.batch)
     # ds/dx = t * y and ds/dlog_t = s: t is applied once here rather than on every tile.
-    return ((scale * t * dx).astype(x.dtype), (scale * t * dy).astype(y.dtype),
-            lax.psum(dlog_t, spec.axes) * scale)
+    return (
+        (scale * t * dx).astype(x.dtype),
+        (scale * t * dy).astype(y.dtype),
+        lax.psum(dlog_t, spec.axes) * scale,
+    )
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -91,8 +95,9 @@ def ring_softmax_loss(img, txt, log_t, bias, spec: RingSpec):
 
 def _ring_fwd(img, txt, log_t, bias, spec: RingSpec):
     rows2, rows1 = _ring.row_spec(spec, 2), _ring.row_spec(spec, 1)
-    fwd = _ring.sharded(partial(_forward_local, spec=spec), spec,
-                        in_specs=(rows2, rows2, P()), out_specs=(P(), rows1, rows1))
+    fwd = _ring.sharded(
+        partial(_forward_local, spec=spec), spec, in_specs=(rows2, rows2, P()), out_specs=(P(), rows1, rows1)
+    )
     loss, row_lse, col_lse = fwd(img, txt, log_t)
     return loss, (img, txt, log_t, bias, row_lse, col_lse)
 
@@ -100,8 +105,12 @@ def _ring_fwd(img, txt, log_t, bias, spec: RingSpec):
 def _ring_bwd(spec: RingSpec, residuals, g):
     img, txt, log_t, bias, row_lse, col_lse = residuals
     rows2, rows1 = _ring.row_spec(spec, 2), _ring.row_spec(spec, 1)
-    bwd = _ring.sharded(partial(_backward_local, spec=spec), spec,
-                        in_specs=(rows2, rows2, P(), rows1, rows1, P()), out_specs=(rows2, rows2, P()))
+    bwd = _ring.sharded(
+        partial(_backward_local, spec=spec),
+        spec,
+        in_specs=(rows2, rows2, P(), rows1, rows1, P()),
+        out_specs=(rows2, rows2, P()),
+    )
     dx, dy, dlog_t = bwd(img, txt, log_t, row_lse, col_lse, g)
     return dx, dy, dlog_t.astype(log_t.dtype), jnp.zeros_like(bias)
 

@@ -7,6 +7,7 @@ Conventions:
 - Activations and matmuls run in the compute `dtype`; LayerNorm statistics and the attention softmax in
   float32, because those are where bf16 loses the most precision.
 """
+
 import math
 
 import jax
@@ -34,220 +35,224 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name):
-  """Maps the config's dtype name to a jnp dtype."""
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}; valid: {sorted(DTYPES)}")
-  return DTYPES[name]
+    """Maps the config's dtype name to a jnp dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def tower_dims(cfg, with_patch):
-  """Resolves width/depth/mlp_dim/num_heads (and patch_size) from a variant plus >0 overrides."""
-  size, _, patch = cfg.variant.partition("/")
-  if size not in SIZES:
-    raise ValueError(f"variant={cfg.variant!r}: size {size!r} not in {list(SIZES)}")
-  if patch and not with_patch:
-    raise ValueError(f"variant={cfg.variant!r}: the text tower takes a size without a patch")
-  width, depth, mlp_dim, num_heads = SIZES[size]
-  dims = {"width": width, "depth": depth, "mlp_dim": mlp_dim, "num_heads": num_heads}
-  if with_patch:
-    if patch and not patch.isdigit():
-      raise ValueError(f"variant={cfg.variant!r}: patch must be an integer, e.g. 'B/16'")
-    dims["patch_size"] = int(patch) if patch else -1
-  for key in dims:
-    if cfg[key] > 0:
-      dims[key] = cfg[key]
-  if with_patch and dims["patch_size"] <= 0:
-    raise ValueError(f"variant={cfg.variant!r} has no patch size and patch_size is not set")
-  if dims["width"] % dims["num_heads"]:
-    raise ValueError(f"width {dims['width']} is not divisible by num_heads {dims['num_heads']}")
-  return dims
+    """Resolves width/depth/mlp_dim/num_heads (and patch_size) from a variant plus >0 overrides."""
+    size, _, patch = cfg.variant.partition("/")
+    if size not in SIZES:
+        raise ValueError(f"variant={cfg.variant!r}: size {size!r} not in {list(SIZES)}")
+    if patch and not with_patch:
+        raise ValueError(f"variant={cfg.variant!r}: the text tower takes a size without a patch")
+    width, depth, mlp_dim, num_heads = SIZES[size]
+    dims = {"width": width, "depth": depth, "mlp_dim": mlp_dim, "num_heads": num_heads}
+    if with_patch:
+        if patch and not patch.isdigit():
+            raise ValueError(f"variant={cfg.variant!r}: patch must be an integer, e.g. 'B/16'")
+        dims["patch_size"] = int(patch) if patch else -1
+    for key in dims:
+        if cfg[key] > 0:
+            dims[key] = cfg[key]
+    if with_patch and dims["patch_size"] <= 0:
+        raise ValueError(f"variant={cfg.variant!r} has no patch size and patch_size is not set")
+    if dims["width"] % dims["num_heads"]:
+        raise ValueError(f"width {dims['width']} is not divisible by num_heads {dims['num_heads']}")
+    return dims
 
 
 class KeyStream:
-  """Hands out parameter keys as fold_in(key, i) with a Python counter.
+    """Hands out parameter keys as fold_in(key, i) with a Python counter.
 
-  Drop-in for `rngs` in the constructors here (they only call `rngs.params()`). nnx.Rngs keeps its counter in a
-  Variable, and under tracing (jax.eval_shape, a jitted init) each update costs time proportional to the trace so
-  far: about 6 s to trace a ViT-B/16 CLIP init, against well under a second with this.
-  """
+    Drop-in for `rngs` in the constructors here (they only call `rngs.params()`). nnx.Rngs keeps its counter in a
+    Variable, and under tracing (jax.eval_shape, a jitted init) each update costs time proportional to the trace so
+    far: about 6 s to trace a ViT-B/16 CLIP init, against well under a second with this.
+    """
 
-  def __init__(self, key):
-    self.key, self.count = key, 0
+    def __init__(self, key):
+        self.key, self.count = key, 0
 
-  def params(self):
-    self.count += 1
-    return jax.random.fold_in(self.key, self.count)
+    def params(self):
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
 
 
 def param(rngs, init, shape, names):
-  """A float32 parameter whose logical axis names are recorded as sharding metadata."""
-  assert len(names) == len(shape), (shape, names)
-  return nnx.Param(init(rngs.params(), shape, jnp.float32), sharding_names=tuple(names))
+    """A float32 parameter whose logical axis names are recorded as sharding metadata."""
+    assert len(names) == len(shape), (shape, names)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), sharding_names=tuple(names))
 
 
 def zeros(key, shape, dtype):
-  del key
-  return jnp.zeros(shape, dtype)
+    del key
+    return jnp.zeros(shape, dtype)
 
 
 def ones(key, shape, dtype):
-  del key
-  return jnp.ones(shape, dtype)
+    del key
+    return jnp.ones(shape, dtype)
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel + bias, computed in `dtype`."""
+    """y = x @ kernel + bias, computed in `dtype`."""
 
-  def __init__(self, d_in, d_out, names, *, dtype, rngs, init=nnx.initializers.xavier_uniform()):
-    self.dtype = dtype
-    self.kernel = param(rngs, init, (d_in, d_out), names)
-    self.bias = param(rngs, zeros, (d_out,), names[1:])
+    def __init__(self, d_in, d_out, names, *, dtype, rngs, init=nnx.initializers.xavier_uniform()):
+        self.dtype = dtype
+        self.kernel = param(rngs, init, (d_in, d_out), names)
+        self.bias = param(rngs, zeros, (d_out,), names[1:])
 
-  def __call__(self, x):
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    def __call__(self, x):
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with float32 statistics whatever the compute dtype; returns `dtype`."""
+    """LayerNorm with float32 statistics whatever the compute dtype; returns `dtype`."""
 
-  def __init__(self, width, *, dtype, rngs, eps=1e-6):
-    self.dtype, self.eps = dtype, eps
-    self.scale = param(rngs, ones, (width,), ("embed",))
-    self.bias = param(rngs, zeros, (width,), ("embed",))
+    def __init__(self, width, *, dtype, rngs, eps=1e-6):
+        self.dtype, self.eps = dtype, eps
+        self.scale = param(rngs, ones, (width,), ("embed",))
+        self.bias = param(rngs, zeros, (width,), ("embed",))
 
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
 class Mlp(nnx.Module):
-  """Dense(width->mlp) -> gelu -> Dense(mlp->width)."""
+    """Dense(width->mlp) -> gelu -> Dense(mlp->width)."""
 
-  def __init__(self, width, mlp_dim, *, dtype, rngs):
-    self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-    self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, width, mlp_dim, *, dtype, rngs):
+        self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with explicit [heads, kv] parameter axes (so heads can be sharded)."""
+    """Multi-head attention with explicit [heads, kv] parameter axes (so heads can be sharded)."""
 
-  def __init__(self, width, num_heads, *, dtype, rngs):
-    self.dtype, self.head_dim = dtype, width // num_heads
-    shape = (width, num_heads, self.head_dim)
-    # fan_in is the model width, fan_out the concatenated heads, as for a width x width Dense.
-    in_init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
-    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
-    for name in ("query", "key", "value"):
-      setattr(self, f"{name}_kernel", param(rngs, in_init, shape, ("embed", "heads", "kv")))
-      setattr(self, f"{name}_bias", param(rngs, zeros, shape[1:], ("heads", "kv")))
-    self.out_kernel = param(rngs, out_init, shape[1:] + shape[:1], ("heads", "kv", "embed"))
-    self.out_bias = param(rngs, zeros, (width,), ("embed",))
+    def __init__(self, width, num_heads, *, dtype, rngs):
+        self.dtype, self.head_dim = dtype, width // num_heads
+        shape = (width, num_heads, self.head_dim)
+        # fan_in is the model width, fan_out the concatenated heads, as for a width x width Dense.
+        in_init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_kernel", param(rngs, in_init, shape, ("embed", "heads", "kv")))
+            setattr(self, f"{name}_bias", param(rngs, zeros, shape[1:], ("heads", "kv")))
+        self.out_kernel = param(rngs, out_init, shape[1:] + shape[:1], ("heads", "kv", "embed"))
+        self.out_bias = param(rngs, zeros, (width,), ("embed",))
 
-  def _project(self, x, name):
-    w = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
-    b = getattr(self, f"{name}_bias")[...].astype(self.dtype)
-    return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w) + b
+    def _project(self, x, name):
+        w = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
+        b = getattr(self, f"{name}_bias")[...].astype(self.dtype)
+        return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w) + b
 
-  def __call__(self, x_q, x_kv, mask=None):
-    """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend)."""
-    # Scale q before the product so bf16 logits stay small.
-    q = self._project(x_q, "query") * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-    k, v = self._project(x_kv, "key"), self._project(x_kv, "value")
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      # A large finite value, not -inf: a fully masked row then gives a uniform average, never NaN.
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    w_out = self.out_kernel[...].astype(self.dtype)
-    return jnp.einsum("bqhk,hkd->bqd", out, w_out) + self.out_bias[...].astype(self.dtype)
+    def __call__(self, x_q, x_kv, mask=None):
+        """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend)."""
+        # Scale q before the product so bf16 logits stay small.
+        q = self._project(x_q, "query") * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        k, v = self._project(x_kv, "key"), self._project(x_kv, "value")
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            # A large finite value, not -inf: a fully masked row then gives a uniform average, never NaN.
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        w_out = self.out_kernel[...].astype(self.dtype)
+        return jnp.einsum("bqhk,hkd->bqd", out, w_out) + self.out_bias[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
-  def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
-    self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
-    self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
+        self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, mask=None):
-    y = self.ln1(x)
-    x = x + self.attn(y, y, mask)
-    return x + self.mlp(self.ln2(x))
+    def __call__(self, x, mask=None):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, mask)
+        return x + self.mlp(self.ln2(x))
 
 
 class Encoder(nnx.Module):
-  """`depth` blocks then a final LayerNorm.
+    """`depth` blocks then a final LayerNorm.
 
-  The blocks' parameters are stacked on a leading layer axis (logical name None) and applied with lax.scan, so
-  XLA compiles one block instead of `depth` copies: a ViT-B/16 CLIP train step compiles several times faster.
-  With `remat`, each block's activations are recomputed in the backward pass instead of being stored.
-  """
+    The blocks' parameters are stacked on a leading layer axis (logical name None) and applied with lax.scan, so
+    XLA compiles one block instead of `depth` copies: a ViT-B/16 CLIP train step compiles several times faster.
+    With `remat`, each block's activations are recomputed in the backward pass instead of being stored.
+    """
 
-  def __init__(self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs):
-    self.remat = remat
-    make = nnx.vmap(lambda key: Block(width, mlp_dim, num_heads, dtype=dtype, rngs=KeyStream(key)),
-                    in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-    self.blocks = make(jax.random.split(rngs.params(), depth))
-    self.ln_final = LayerNorm(width, dtype=dtype, rngs=rngs)
+    def __init__(self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs):
+        self.remat = remat
+        make = nnx.vmap(
+            lambda key: Block(width, mlp_dim, num_heads, dtype=dtype, rngs=KeyStream(key)),
+            in_axes=0,
+            out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: None},
+        )
+        self.blocks = make(jax.random.split(rngs.params(), depth))
+        self.ln_final = LayerNorm(width, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, mask=None):
-    graphdef, stacked = nnx.split(self.blocks)
+    def __call__(self, x, mask=None):
+        graphdef, stacked = nnx.split(self.blocks)
 
-    def step(x, layer):
-      return nnx.merge(graphdef, layer)(x, mask), None
+        def step(x, layer):
+            return nnx.merge(graphdef, layer)(x, mask), None
 
-    if self.remat:
-      step = jax.checkpoint(step)
-    x, _ = jax.lax.scan(step, x, stacked)
-    return self.ln_final(x)
+        if self.remat:
+            step = jax.checkpoint(step)
+        x, _ = jax.lax.scan(step, x, stacked)
+        return self.ln_final(x)
 
 
 class MAPHead(nnx.Module):
-  """Multi-head attention pooling: a learned probe attends over the tokens, then a residual MLP."""
+    """Multi-head attention pooling: a learned probe attends over the tokens, then a residual MLP."""
 
-  def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
-    self.probe = param(rngs, nnx.initializers.normal(0.02), (width,), ("embed",))
-    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
-    self.ln = LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
+        self.probe = param(rngs, nnx.initializers.normal(0.02), (width,), ("embed",))
+        self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.ln = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, x.shape[-1]))
-    y = self.attn(probe, x)
-    y = y + self.mlp(self.ln(y))
-    return y[:, 0]
+    def __call__(self, x):
+        probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, x.shape[-1]))
+        y = self.attn(probe, x)
+        y = y + self.mlp(self.ln(y))
+        return y[:, 0]
 
 
 def l2_normalize(x, eps=1e-6):
-  """Float32 unit vectors along the last axis; eps keeps an all-zero row finite."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
+    """Float32 unit vectors along the last axis; eps keeps an all-zero row finite."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0):
-  """Fixed 2-D sin-cos position embeddings [h*w, width]: a quarter of the channels each for sin/cos of x/y."""
-  if width % 4:
-    raise ValueError(f"sincos2d position embeddings need width divisible by 4, got {width}")
-  y, x = np.mgrid[:h, :w]
-  omega = np.arange(width // 4) / max(width // 4 - 1, 1)
-  omega = 1.0 / temperature ** omega
-  y = y.reshape(-1)[:, None] * omega[None, :]
-  x = x.reshape(-1)[:, None] * omega[None, :]
-  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+    """Fixed 2-D sin-cos position embeddings [h*w, width]: a quarter of the channels each for sin/cos of x/y."""
+    if width % 4:
+        raise ValueError(f"sincos2d position embeddings need width divisible by 4, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / max(width // 4 - 1, 1)
+    omega = 1.0 / temperature**omega
+    y = y.reshape(-1)[:, None] * omega[None, :]
+    x = x.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 def param_count(tree):
-  """Number of parameters in a module or state (concrete or abstract, e.g. from nnx.eval_shape)."""
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree, nnx.Param)
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+    """Number of parameters in a module or state (concrete or abstract, e.g. from nnx.eval_shape)."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))

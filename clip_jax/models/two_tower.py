@@ -3,6 +3,7 @@
 Used functionally by the trainer: `graphdef, state = nnx.split(model)` once, then
 `nnx.merge(graphdef, params)` inside a jitted pure function. __call__ mutates nothing and needs no RNG.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,55 +14,59 @@ from clip_jax.models import vit
 
 
 class TwoTower(nnx.Module):
-  """cfg is the `model` ConfigDict (embed_dim, dtype, log_t_init, bias_init, remat, image.*, text.*)."""
+    """cfg is the `model` ConfigDict (embed_dim, dtype, log_t_init, bias_init, remat, image.*, text.*)."""
 
-  def __init__(self, cfg, *, rngs):
-    dtype = layers.compute_dtype(cfg.dtype)
-    keys = layers.KeyStream(rngs.params())  # one key from rngs; see KeyStream for why
-    common = dict(embed_dim=cfg.embed_dim, dtype=dtype, remat=cfg.remat, rngs=keys)
-    self.image = vit.ViT(cfg.image, **common)
-    self.text = text.TextTransformer(cfg.text, **common)
-    self.log_t = nnx.Param(jnp.asarray(cfg.log_t_init, jnp.float32), sharding_names=())
-    self.bias = nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), sharding_names=())
+    def __init__(self, cfg, *, rngs):
+        dtype = layers.compute_dtype(cfg.dtype)
+        keys = layers.KeyStream(rngs.params())  # one key from rngs; see KeyStream for why
+        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, remat=cfg.remat, rngs=keys)
+        self.image = vit.ViT(cfg.image, **common)
+        self.text = text.TextTransformer(cfg.text, **common)
+        self.log_t = nnx.Param(jnp.asarray(cfg.log_t_init, jnp.float32), sharding_names=())
+        self.bias = nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), sharding_names=())
 
-  def encode_image(self, images):
-    """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm."""
-    return layers.l2_normalize(self.image(images))
+    def encode_image(self, images):
+        """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm."""
+        return layers.l2_normalize(self.image(images))
 
-  def encode_text(self, tokens):
-    """int32 [B,L] -> float32 [B, embed_dim], unit norm."""
-    return layers.l2_normalize(self.text(tokens))
+    def encode_text(self, tokens):
+        """int32 [B,L] -> float32 [B, embed_dim], unit norm."""
+        return layers.l2_normalize(self.text(tokens))
 
-  def __call__(self, images, tokens):
-    """Returns (img [B,d], txt [B,d], log_t (), bias ()); the loss uses t = exp(log_t)."""
-    return self.encode_image(images), self.encode_text(tokens), self.log_t[...], self.bias[...]
+    def __call__(self, images, tokens):
+        """Returns (img [B,d], txt [B,d], log_t (), bias ()); the loss uses t = exp(log_t)."""
+        return self.encode_image(images), self.encode_text(tokens), self.log_t[...], self.bias[...]
 
 
 def abstract(cfg):
-  """The model with ShapeDtypeStruct parameters: shapes and counts without allocating memory."""
-  return nnx.eval_shape(lambda: TwoTower(cfg, rngs=nnx.Rngs(params=0)))
+    """The model with ShapeDtypeStruct parameters: shapes and counts without allocating memory."""
+    return nnx.eval_shape(lambda: TwoTower(cfg, rngs=nnx.Rngs(params=0)))
 
 
 def param_count(model):
-  """Total parameter count of a model or state (concrete or abstract)."""
-  return layers.param_count(model)
+    """Total parameter count of a model or state (concrete or abstract)."""
+    return layers.param_count(model)
 
 
 def param_counts(model):
-  """{'image': n, 'text': n, 'total': n}; 'total' includes log_t and bias."""
-  return {"image": layers.param_count(model.image), "text": layers.param_count(model.text),
-          "total": layers.param_count(model)}
+    """{'image': n, 'text': n, 'total': n}; 'total' includes log_t and bias."""
+    return {
+        "image": layers.param_count(model.image),
+        "text": layers.param_count(model.text),
+        "total": layers.param_count(model),
+    }
 
 
 def weight_decay_mask(params):
-  """True for the parameters to decay: kernels and embedding tables; False for biases, LayerNorm parameters,
-  the cls token, the MAP probe, log_t and bias.
+    """True for the parameters to decay: kernels and embedding tables; False for biases, LayerNorm parameters,
+    the cls token, the MAP probe, log_t and bias.
 
-  Decided by name, not ndim: block parameters are stacked on a layer axis, so a LayerNorm scale is
-  [depth, width] and per-head biases are [depth, heads, kv]. Works on an nnx.State or a plain dict.
-  """
-  def decay(path, _):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return names[-1].endswith("kernel") or names[-1].endswith("_embedding")
+    Decided by name, not ndim: block parameters are stacked on a layer axis, so a LayerNorm scale is
+    [depth, width] and per-head biases are [depth, heads, kv]. Works on an nnx.State or a plain dict.
+    """
 
-  return jax.tree_util.tree_map_with_path(decay, params)
+    def decay(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1].endswith("kernel") or names[-1].endswith("_embedding")
+
+    return jax.tree_util.tree_map_with_path(decay, params)

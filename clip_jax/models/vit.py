@@ -1,4 +1,5 @@
 """ViT image tower: patches -> position embeddings -> pre-LN encoder -> pooling -> optional projection."""
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -9,73 +10,88 @@ POSEMBS = ("learn", "sincos2d")
 
 
 class ViT(nnx.Module):
-  """Maps float32 images [B,H,W,3] to unnormalised features [B, embed_dim] (float32).
+    """Maps float32 images [B,H,W,3] to unnormalised features [B, embed_dim] (float32).
 
-  cfg is the `model.image` ConfigDict; embed_dim, dtype and remat come from `model`.
-  """
+    cfg is the `model.image` ConfigDict; embed_dim, dtype and remat come from `model`.
+    """
 
-  def __init__(self, cfg, *, embed_dim, dtype, remat, rngs):
-    dims = layers.tower_dims(cfg, with_patch=True)
-    if cfg.pool not in POOLS:
-      raise ValueError(f"model.image.pool={cfg.pool!r}; valid: {list(POOLS)}")
-    if cfg.posemb not in POSEMBS:
-      raise ValueError(f"model.image.posemb={cfg.posemb!r}; valid: {list(POSEMBS)}")
-    width, patch = dims["width"], dims["patch_size"]
-    if cfg.image_size % patch:
-      raise ValueError(f"model.image.image_size={cfg.image_size} is not a multiple of patch {patch}")
-    if not cfg.proj and width != embed_dim:
-      raise ValueError(f"model.image.proj=False needs width == embed_dim, got {width} != {embed_dim}")
-    self.dtype, self.width, self.patch = dtype, width, patch
-    self.image_size, self.pool, self.posemb = cfg.image_size, cfg.pool, cfg.posemb
-    self.grid = cfg.image_size // patch
-    # A stride-p conv with a p x p kernel is exactly a Dense on flattened (row, col, channel) patches.
-    self.patch_embed = layers.Dense(patch * patch * 3, width, ("patch", "embed"), dtype=dtype,
-                                    rngs=rngs, init=nnx.initializers.lecun_normal())
-    with_cls = cfg.pool == "cls"
-    normal = nnx.initializers.normal(0.02)
-    self.cls = layers.param(rngs, normal, (width,), ("embed",)) if with_cls else None
-    n_pos = self.grid * self.grid + with_cls
-    self.pos_embedding = (layers.param(rngs, normal, (n_pos, width), ("pos", "embed"))
-                          if cfg.posemb == "learn" else None)
-    self.encoder = layers.Encoder(width, dims["depth"], dims["mlp_dim"], dims["num_heads"],
-                                  dtype=dtype, remat=remat, rngs=rngs)
-    self.map_head = (layers.MAPHead(width, dims["mlp_dim"], dims["num_heads"], dtype=dtype, rngs=rngs)
-                     if cfg.pool == "map" else None)
-    # With a bias (as big_vision's heads and SigLIP's text head); OpenAI CLIP's bias-free projection imports
-    # as a zero bias.
-    self.proj = (layers.Dense(width, embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs,
-                              init=nnx.initializers.lecun_normal())
-                 if cfg.proj else None)
+    def __init__(self, cfg, *, embed_dim, dtype, remat, rngs):
+        dims = layers.tower_dims(cfg, with_patch=True)
+        if cfg.pool not in POOLS:
+            raise ValueError(f"model.image.pool={cfg.pool!r}; valid: {list(POOLS)}")
+        if cfg.posemb not in POSEMBS:
+            raise ValueError(f"model.image.posemb={cfg.posemb!r}; valid: {list(POSEMBS)}")
+        width, patch = dims["width"], dims["patch_size"]
+        if cfg.image_size % patch:
+            raise ValueError(f"model.image.image_size={cfg.image_size} is not a multiple of patch {patch}")
+        if not cfg.proj and width != embed_dim:
+            raise ValueError(f"model.image.proj=False needs width == embed_dim, got {width} != {embed_dim}")
+        self.dtype, self.width, self.patch = dtype, width, patch
+        self.image_size, self.pool, self.posemb = cfg.image_size, cfg.pool, cfg.posemb
+        self.grid = cfg.image_size // patch
+        # A stride-p conv with a p x p kernel is exactly a Dense on flattened (row, col, channel) patches.
+        self.patch_embed = layers.Dense(
+            patch * patch * 3,
+            width,
+            ("patch", "embed"),
+            dtype=dtype,
+            rngs=rngs,
+            init=nnx.initializers.lecun_normal(),
+        )
+        with_cls = cfg.pool == "cls"
+        normal = nnx.initializers.normal(0.02)
+        self.cls = layers.param(rngs, normal, (width,), ("embed",)) if with_cls else None
+        n_pos = self.grid * self.grid + with_cls
+        self.pos_embedding = (
+            layers.param(rngs, normal, (n_pos, width), ("pos", "embed")) if cfg.posemb == "learn" else None
+        )
+        self.encoder = layers.Encoder(
+            width, dims["depth"], dims["mlp_dim"], dims["num_heads"], dtype=dtype, remat=remat, rngs=rngs
+        )
+        self.map_head = (
+            layers.MAPHead(width, dims["mlp_dim"], dims["num_heads"], dtype=dtype, rngs=rngs)
+            if cfg.pool == "map"
+            else None
+        )
+        # With a bias (as big_vision's heads and SigLIP's text head); OpenAI CLIP's bias-free projection imports
+        # as a zero bias.
+        self.proj = (
+            layers.Dense(
+                width, embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, init=nnx.initializers.lecun_normal()
+            )
+            if cfg.proj
+            else None
+        )
 
-  def _patchify(self, images):
-    b, h, w, c = images.shape
-    if (h, w, c) != (self.image_size, self.image_size, 3):
-      raise ValueError(f"images must be [B,{self.image_size},{self.image_size},3], got {images.shape}")
-    g, p = self.grid, self.patch
-    x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * g, p * p * c)
+    def _patchify(self, images):
+        b, h, w, c = images.shape
+        if (h, w, c) != (self.image_size, self.image_size, 3):
+            raise ValueError(f"images must be [B,{self.image_size},{self.image_size},3], got {images.shape}")
+        g, p = self.grid, self.patch
+        x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, g * g, p * p * c)
 
-  def features(self, images):
-    """Token features after the final LayerNorm: [B, N(+1 with cls), width] in the compute dtype."""
-    x = self.patch_embed(self._patchify(images))
-    if self.posemb == "sincos2d":
-      # Fixed embeddings cover the patches only; the cls token (if any) gets none.
-      x = x + jnp.asarray(layers.posemb_sincos_2d(self.grid, self.grid, self.width), self.dtype)
-    if self.cls is not None:
-      cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, self.width))
-      x = jnp.concatenate([cls, x], axis=1)
-    if self.pos_embedding is not None:
-      x = x + self.pos_embedding[...].astype(self.dtype)
-    return self.encoder(x)
+    def features(self, images):
+        """Token features after the final LayerNorm: [B, N(+1 with cls), width] in the compute dtype."""
+        x = self.patch_embed(self._patchify(images))
+        if self.posemb == "sincos2d":
+            # Fixed embeddings cover the patches only; the cls token (if any) gets none.
+            x = x + jnp.asarray(layers.posemb_sincos_2d(self.grid, self.grid, self.width), self.dtype)
+        if self.cls is not None:
+            cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, self.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding[...].astype(self.dtype)
+        return self.encoder(x)
 
-  def __call__(self, images):
-    x = self.features(images)
-    if self.pool == "cls":
-      x = x[:, 0]
-    elif self.pool == "gap":
-      x = x.astype(jnp.float32).mean(axis=1).astype(self.dtype)
-    else:
-      x = self.map_head(x)
-    if self.proj is not None:
-      x = self.proj(x)
-    return x.astype(jnp.float32)
+    def __call__(self, images):
+        x = self.features(images)
+        if self.pool == "cls":
+            x = x[:, 0]
+        elif self.pool == "gap":
+            x = x.astype(jnp.float32).mean(axis=1).astype(self.dtype)
+        else:
+            x = self.map_head(x)
+        if self.proj is not None:
+            x = self.proj(x)
+        return x.astype(jnp.float32)
