@@ -1,6 +1,5 @@
 """Evaluators; `evaluate_checkpoint` runs them standalone on the latest checkpoint of a workdir."""
 
-import jax
 
 
 def evaluate_checkpoint(cfg, workdir: str) -> dict:
