@@ -16,6 +16,7 @@ if __name__ == "__main__":
     # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
     try:
         config_lib.check_override_keys(sys.argv[1:])
+        config_lib.check_config_file(sys.argv[1:])
     except config_lib.ConfigError as _e:
         print(f"error: {_e}", file=sys.stderr)
         sys.exit(2)
@@ -31,6 +32,8 @@ MODES = ("train", "eval")
 def report(result: dict, cfg) -> str:
     """The short human-readable summary printed at the end of `train` / `eval`."""
     lines = ["", "=" * 60, f"clip_jax report: {cfg.data.name}, loss={cfg.loss.kind}"]
+    if "examples_seen" not in result and "step" in result:
+        lines.append(f"  checkpoint at step {result['step']}")
     if "examples_seen" in result:
         lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
     if "loss" in result:
@@ -76,6 +79,8 @@ def main(argv):
         sys.exit(2)
     if jax.process_index() == 0:
         print(report(result, cfg), flush=True)
+        if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
+            print(result["message"], flush=True)
 
 
 if __name__ == "__main__":
