@@ -16,7 +16,6 @@ if __name__ == "__main__":
     # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
     try:
         config_lib.check_override_keys(sys.argv[1:])
-        config_lib.check_config_file(sys.argv[1:])
     except config_lib.ConfigError as _e:
         print(f"error: {_e}", file=sys.stderr)
         sys.exit(2)
@@ -79,8 +78,6 @@ def main(argv):
         sys.exit(2)
     if jax.process_index() == 0:
         print(report(result, cfg), flush=True)
-        if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
-            print(result["message"], flush=True)
 
 
 if __name__ == "__main__":
