@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "scikit-learn==1.9.1",  # ships the handwritten-digits images (real-image demo set)
+    "sentencepiece==0.2.1",  # tokenizer.kind='sentencepiece'
 ]
 
 setup(
@@ -27,9 +28,12 @@ setup(
     description="Large-batch image-text pretraining (CLIP, SigLIP, CoCa) in JAX/Flax",
     python_requires=">=3.11",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
+    # CLIP's BPE merge list (tokenizer.kind='clip_bpe') and its MIT notices ship inside the package.
+    package_data={"clip_jax.input": ["bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.LICENSE"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0"],
+        # tokenizers (HF): the independent reference the CLIP BPE tests compare against, token for token.
+        "test": ["pytest==9.2.0", "tokenizers==0.23.3"],
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
     },
 )

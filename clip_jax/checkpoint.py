@@ -2,6 +2,7 @@
 the config, so re-running the same command in the same workdir resumes exactly where it stopped.
 """
 
+import contextlib
 import json
 import os
 
@@ -15,17 +16,25 @@ class CheckpointMismatch(RuntimeError):
     """The workdir holds a checkpoint of a different model; the message names the differing keys."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable workdir); the previous one is still valid."""
+
+
 class Checkpointer:
     def __init__(self, workdir: str, cfg):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save leaves the
-        # previous checkpoint as the latest valid one.
+        self._attempted = []  # steps whose save was started: a failure is named by the first one not on disk
+        # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save (even kill -9)
+        # leaves the previous checkpoint as the latest valid one; leftover temporary folders are removed here.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_ckpts, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data", "config")
+            )
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot use {self.directory} for checkpoints: {_one_line(e)}") from None
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -36,7 +45,9 @@ class Checkpointer:
             data=ocp.args.JsonSave(_jsonable(data_state)),
             config=ocp.args.JsonSave(cfg.to_dict()),
         )
-        return self.manager.save(step, args=args, force=force)
+        self._attempted.append(step)
+        with self._write_errors():  # an earlier async save's failure surfaces here too
+            return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state, shardings, cfg, step=None):
         """(step, state, data_state) from the latest (or given) step, placed with `shardings`; None if none exists."""
@@ -54,10 +65,30 @@ class Checkpointer:
         return step, out["state"], out["data"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._write_errors():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.close()
+        with self._write_errors():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Turn a failed write (raised now, or by the background thread of an async save) into one line that
+        says which checkpoint is still good. Orbax never renamed the failed save's temporary folder, so the
+        previous checkpoint is the latest one a restart sees."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (OSError, or orbax/tensorstore wrapping one)
+            with contextlib.suppress(Exception):
+                self.manager.reload()  # forget the failed step: the latest complete checkpoint is on disk
+            good = self.manager.latest_step()
+            step = min((s for s in self._attempted if good is None or s > good), default=None)
+            kept = "no checkpoint exists" if good is None else f"the previous checkpoint (step {good}) is intact"
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint at step {step} to {self.directory}: {_one_line(e)}; {kept}. Free "
+                "disk space or fix the permissions, then re-run the same command to resume"
+            ) from None
 
 
 def check_compatible(saved: dict, cfg, where: str) -> None:
@@ -72,6 +103,11 @@ def check_compatible(saved: dict, cfg, where: str) -> None:
             f"the checkpoint in {where} was written by a different model config ({'; '.join(diff[:4])}); "
             "use a new --workdir, or restore the original config values"
         )
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _jsonable(data_state):

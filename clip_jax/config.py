@@ -13,12 +13,15 @@ import ml_collections
 # Explicit choices (no string registries elsewhere: these tuples are the whole vocabulary).
 LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("ring", "allgather")
-TOKENIZERS = ("hashed_words",)
+TOKENIZERS = ("hashed_words", "clip_bpe", "sentencepiece")
+TRAIN_CROPS = ("resize", "inception")  # data.train_crop (clip_jax/input/ops.py implements them)
+EVAL_CROPS = ("resize", "centre")  # data.eval_crop
 DTYPES = ("float32", "bfloat16")
 IMAGE_POOLS = ("gap", "map", "cls")
 TEXT_POOLS = ("eos", "last", "first", "mean")
 POSEMBS = ("learn", "sincos2d")
 SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
+NAN_POLICIES = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 5000  # steps between zero-shot evaluations (0 = only at the end)
     c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
     c.keep_ckpts = 3  # how many recent checkpoints to keep
+    c.nan_policy = "stop"  # NaN/Inf loss or grads: stop (name the step and last good ckpt) | skip (count, go on)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)
@@ -56,13 +60,20 @@ def base() -> ml_collections.ConfigDict:
     c.data.data_dir = "tfds_data"  # tfds data_dir; nothing is ever downloaded
     c.data.train_split = "train"  # tfds split for training
     c.data.image_key = "image"  # feature holding the image
-    c.data.text_key = "caption"  # feature holding the caption
+    c.data.text_key = "caption"  # feature holding the caption(s); 'a/b' = nested (coco_captions: 'captions/text')
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
     c.data.prefetch = 2  # batches prepared ahead of the train step
     c.data.cache = False  # decode the whole train split into memory once (small datasets: no per-step decoding)
+    c.data.min_image_size = 8  # images with a shorter side are skipped (and counted as tiny_image)
+    c.data.train_crop = "resize"  # one of TRAIN_CROPS: resize (whole image) | inception (random-resized crop)
+    c.data.crop_min_area = 0.9  # inception crop's smallest area fraction (0.9: captions name the scene)
+    c.data.flip = False  # random horizontal flips in training (off: captions can say left/right)
+    c.data.eval_crop = "resize"  # one of EVAL_CROPS: resize (whole image) | centre (shorter side, centre square)
+    c.data.mixture = ""  # train on several tfds sets: 'name:weight,name:weight' (overrides data.name; same keys)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
+    c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored CLIP merges; sentencepiece needs a .model
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 512  # joint embedding dim
@@ -117,6 +128,10 @@ def base() -> ml_collections.ConfigDict:
     c.eval.templates = "clip_shapes"  # prompt template set (see clip_jax/evaluate/templates.py)
     c.eval.batch_size = 512  # images per eval step (padded to the device count)
     c.eval.max_examples = -1  # cap on eval images (-1 = the whole split)
+
+    # Fault injection for the reliability tests; leave at the defaults in real runs.
+    c.debug = ml_collections.ConfigDict()
+    c.debug.poison_step = -1  # test only: this step's images become NaN, to exercise nan_policy (-1 = never)
 
     c.lock()
     return c
@@ -194,10 +209,8 @@ def validate(cfg, num_devices: int) -> None:
         raise ConfigError(
             f"config key 'model.text.variant' is {cfg.model.text.variant!r}; choose one of {', '.join(SIZES)}"
         )
-    for key in ("batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts"):
-        value = _flatten(cfg)[key]
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    _choice(cfg, "nan_policy", NAN_POLICIES)
+    _check_ranges(cfg)
     mesh_shape(cfg, num_devices)  # raises on a bad mesh
     if cfg.batch_size % num_devices:
         lo = cfg.batch_size // num_devices * num_devices
@@ -213,6 +226,60 @@ def validate(cfg, num_devices: int) -> None:
         )
     if not cfg.data.name:
         raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
+    if cfg.eval.dataset and cfg.eval.batch_size % num_devices:
+        raise ConfigError(
+            f"eval.batch_size={cfg.eval.batch_size} does not divide over the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+        )
+    _check_model(cfg)
+
+
+# Keys that must be > 0, and keys that must be >= 0 (0 means "off" or "none" for them).
+_POSITIVE = (
+    "batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
+    "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
+    "data.num_workers", "data.prefetch", "model.text.eos_id", "model.text.pad_id",
+)  # fmt: skip
+
+
+def _check_ranges(cfg) -> None:
+    flat = _flatten(cfg)
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {flat[key]}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
+    for key in ("optim.b1", "optim.b2"):
+        if not 0 <= flat[key] < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
+    if cfg.debug.poison_step < -1:
+        raise ConfigError(f"config key 'debug.poison_step' is {cfg.debug.poison_step}; use a step >= 1, or -1")
+
+
+def _check_model(cfg) -> None:
+    """Shape facts the model would otherwise discover deep inside tracing, with a JAX traceback."""
+    image, text = cfg.model.image, cfg.model.text
+    patch = image.patch_size if image.patch_size > 0 else int(image.variant.partition("/")[2])
+    if image.image_size % patch:
+        raise ConfigError(
+            f"model.image.image_size={image.image_size} is not a multiple of the patch size {patch} "
+            f"(model.image.variant / model.image.patch_size)"
+        )
+    for key in ("eos_id", "pad_id") if text.pool == "eos" else ("pad_id",):  # eos_id matters only to 'eos'
+        if text[key] >= text.vocab_size:
+            raise ConfigError(
+                f"config key 'model.text.{key}' is {text[key]}, outside the vocabulary "
+                f"(model.text.vocab_size={text.vocab_size})"
+            )
+    for tower, sub in (("image", image), ("text", text)):
+        if sub.width > 0 and sub.num_heads > 0 and sub.width % sub.num_heads:
+            raise ConfigError(
+                f"model.{tower}.width={sub.width} does not split into model.{tower}.num_heads={sub.num_heads}"
+            )
 
 
 def model_fingerprint(cfg) -> dict:
@@ -232,3 +299,39 @@ def check_override_keys(argv) -> None:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown config key '{key}' in {arg}{hint}")
+            value = arg.split("=", 1)[1] if "=" in arg else None
+            if key in known and value is not None and not _parses_as(value, known[key]):
+                kind = type(known[key]).__name__
+                raise ConfigError(f"config key '{key}' must be {kind}, got {value!r} in {arg}")
+
+
+def _parses_as(text: str, ref) -> bool:
+    """Whether absl can parse `text` for a key whose default is `ref` (if not, it exits with a usage dump)."""
+    try:
+        if isinstance(ref, bool):
+            return text.lower() in ("true", "false", "t", "f", "1", "0")
+        if isinstance(ref, (int, float)):
+            type(ref)(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_config_file(argv) -> None:
+    """Load `--config=path[:arg]` once up front so a missing file or a bad variant argument is one line, not
+    config_flags' nested traceback."""
+    import importlib.util
+    import os
+
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, _, variant = arg[len("--config=") :].partition(":")
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file '{path}' does not exist (in {arg})")
+            try:
+                spec = importlib.util.spec_from_file_location("_clip_jax_config_check", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                module.get_config(*([variant] if variant else []))
+            except Exception as e:  # noqa: BLE001  (any failure of the config file, on one line)
+                raise ConfigError(f"config {arg[len('--config=') :]} failed: {type(e).__name__}: {e}") from None

@@ -4,6 +4,7 @@ Only argument handling, multi-host start-up and the printed report live here; th
 evaluate/.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -16,6 +17,7 @@ if __name__ == "__main__":
     # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
     try:
         config_lib.check_override_keys(sys.argv[1:])
+        config_lib.check_config_file(sys.argv[1:])
     except config_lib.ConfigError as _e:
         print(f"error: {_e}", file=sys.stderr)
         sys.exit(2)
@@ -66,6 +68,7 @@ def main(argv):
     import jax
 
     from clip_jax import train
+    from clip_jax.checkpoint import CheckpointWriteError
     from clip_jax.evaluate import evaluate_checkpoint
 
     cfg = _CONFIG.value
@@ -74,10 +77,17 @@ def main(argv):
         result = train.run(cfg, _WORKDIR.value) if argv[1] == "train" else evaluate_checkpoint(cfg, _WORKDIR.value)
     except train.USER_ERRORS as e:
         logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, CheckpointWriteError):
+            # A failed orbax save leaves non-daemon threads waiting (up to its 20-minute timeout) for a signal
+            # that never comes, and a normal exit would wait for them. Nothing is left to save: leave now.
+            logging.flush()
+            os._exit(2)
         sys.exit(2)
     if jax.process_index() == 0:
         print(report(result, cfg), flush=True)
+        if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
+            print(result["message"], flush=True)
 
 
 if __name__ == "__main__":

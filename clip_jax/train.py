@@ -7,6 +7,8 @@ graphdef that was split off once.
 
 import functools
 import logging
+import signal
+import threading
 import time
 
 import jax
@@ -31,7 +33,13 @@ class TrainingError(RuntimeError):
 
 
 # Errors caused by the user's config, data or workdir: the CLI prints their one-line message, not a traceback.
-USER_ERRORS = (config_lib.ConfigError, pipeline.DataError, checkpoint_lib.CheckpointMismatch, TrainingError)
+USER_ERRORS = (
+    config_lib.ConfigError,
+    pipeline.DataError,
+    checkpoint_lib.CheckpointMismatch,
+    checkpoint_lib.CheckpointWriteError,
+    TrainingError,
+)
 
 
 def build_model(cfg, seed: int):
@@ -133,18 +141,24 @@ def abstract_batch(cfg):
 
 
 class MetricAverager:
-    """Collects per-step device metrics; they reach the host once per log interval."""
+    """Collects per-step device metrics; they reach the host once per log interval (or before a checkpoint)."""
 
     def __init__(self):
-        self.items, self.examples = [], 0
+        self.items, self.steps, self.examples = [], [], 0
 
-    def add(self, metrics, examples: int):
+    def add(self, metrics, examples: int, step: int = 0):
         self.items.append(metrics)
+        self.steps.append(step)
         self.examples += examples
+
+    def nonfinite_steps(self) -> list[int]:
+        """Steps since the last pop whose loss or gradients were NaN/Inf (their updates were not applied)."""
+        flags = jax.device_get([m["nonfinite"] for m in self.items])
+        return [step for step, bad in zip(self.steps, flags) if bad]
 
     def pop(self) -> dict:
         host = jax.device_get(self.items)
-        self.items = []
+        self.items, self.steps = [], []
         out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
         out["nonfinite"] = int(sum(m["nonfinite"] for m in host))
         out["lr"] = float(host[-1]["lr"])
@@ -171,34 +185,102 @@ def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
     return graphdef, shardings, state
 
 
-def _log(writer, step, averager, t0, cfg, ckpt) -> dict:
+def _check_nonfinite(cfg, averager, ckpt, skipped: list) -> None:
+    """Apply cfg.nan_policy to the steps since the last check. Called before every log and every save, so with
+    'stop' nothing trained after a bad step is ever written. The bad step's update itself was never applied."""
+    bad = averager.nonfinite_steps()
+    if bad and cfg.nan_policy == "stop":
+        ckpt.wait()
+        raise TrainingError(
+            f"the loss or gradients became NaN/Inf at step {bad[0]} (nan_policy='stop'); its update was not "
+            f"applied and the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+            "optim.lr, raise optim.warmup_steps, keep optim.clip_norm > 0 or set nan_policy='skip', then re-run "
+            "the same command to resume"
+        )
+    for step in bad:
+        if step not in skipped:
+            skipped.append(step)
+            logging.warning("step %d: NaN/Inf loss or gradients; update skipped (nan_policy='skip')", step)
+
+
+def _log(writer, step, averager, t0, cfg, ckpt, skipped: list) -> dict:
+    _check_nonfinite(cfg, averager, ckpt, skipped)
     metrics = averager.pop()
     metrics.update(
-        examples_per_sec=averager.examples / (time.perf_counter() - t0), examples_seen=step * cfg.batch_size
+        examples_per_sec=averager.examples / (time.perf_counter() - t0),
+        examples_seen=step * cfg.batch_size,
+        skipped_steps=len(skipped),  # in this process's run; each is also logged as a warning with its step
     )
     averager.examples = 0
     writer.write_scalars(step, metrics)
-    if metrics["nonfinite"]:
+    return metrics
+
+
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _save(ckpt, step, state, data_it, cfg, averager, skipped, *, force: bool) -> None:
+    _check_nonfinite(cfg, averager, ckpt, skipped)
+    # The train step never applies a non-finite update; this makes "no NaN checkpoint" hold whatever happens.
+    if not bool(_all_finite(state["params"])):
         ckpt.wait()
         raise TrainingError(
-            f"the loss or gradients became NaN/Inf at or before step {step}; those updates were skipped and the last "
-            f"checkpoint (step {ckpt.latest_step()}) is intact. Lower optim.lr, raise optim.warmup_steps or keep "
-            "optim.clip_norm > 0, then re-run the same command to resume"
+            f"the parameters are not finite at step {step}; not saving them. The last good checkpoint is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}"
         )
-    return metrics
+    ckpt.save(step, state, data_it.get_state(), cfg, force=force)
+
+
+class Preemption:
+    """SIGTERM/SIGINT (a preemption, or Ctrl-C) only set a flag: the loop finishes the step it is in, saves a
+    checkpoint at that step, waits for it and returns. A second signal acts as it normally would."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only installs handlers there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        logging.warning("received %s: stopping after this step with a checkpoint", self.received)
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self) -> bool:
+        """Whether to stop after this step. Every process writes its shards of the same checkpoint, so all must
+        stop at the same step: on several hosts the flags are combined each step (one small all-gather), and a
+        signal to any process (preemption notices can reach hosts at different times) stops them all."""
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
 def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report.
 
     stop_after: stop (with a checkpoint) after this many steps in this call, as a preemption would.
-    The report holds the final metrics, 'history' (every logged interval) and 'zero_shot'.
+    The report holds the final metrics, 'history' (every logged interval) and 'zero_shot'; after a SIGTERM or
+    SIGINT, 'preempted' (the step saved) and 'message'.
     """
-    from clu import parameter_overview, periodic_actions
+    from clu import parameter_overview
 
     config_lib.validate(cfg, jax.device_count())
+    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
-    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
     data_it = pipeline.train_iterator(cfg)
     graphdef, shardings, state = _restore_or_init(cfg, mesh, opt, ckpt, data_it)
     if jax.process_index() == 0:
@@ -206,35 +288,54 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     step_fn = compile_step(cfg, mesh, opt, graphdef, shardings)
     start = int(jax.device_get(state["step"]))
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
-    progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
-    averager, history, t0 = MetricAverager(), [], time.perf_counter()
-    on_cpu = jax.default_backend() == "cpu"
-    for step in range(start + 1, end + 1):
-        state, metrics = step_fn(state, sharding.put_batch(next(data_it), mesh))
-        averager.add(metrics, cfg.batch_size)
-        if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
-            jax.block_until_ready(metrics["loss"])
-        progress(step)
-        if step % cfg.log_every == 0 or step == end:
-            history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt)})
-            t0 = time.perf_counter()
-        if step == end or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            ckpt.save(step, state, data_it.get_state(), cfg, force=step == end)
-        if cfg.eval.dataset and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-            writer.write_scalars(step, _prefixed(zero_shot.evaluate(cfg, state["params"], graphdef, mesh)))
-    ckpt.wait()
-    result = {
-        "step": end,
-        "examples_seen": end * cfg.batch_size,
-        "history": history,
-        **(history[-1] if history else {}),
-    }
-    if cfg.eval.dataset and end == cfg.total_steps:
+    # Signals before this point find nothing new to save and act as usual; from here on they stop the run cleanly.
+    with Preemption() as preemption:
+        state, result = _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption)
+        ckpt.wait()  # the last checkpoint is complete before we report (or exit on a preemption)
+    if result.get("preempted"):
+        result["message"] = (
+            f"preempted ({preemption.received}) at step {result['step']}; checkpoint saved in {ckpt.directory}; "
+            "re-run the same command to resume"
+        )
+        logging.warning("%s", result["message"])
+    elif cfg.eval.dataset and result["step"] == cfg.total_steps:
         result["zero_shot"] = zero_shot.evaluate(cfg, state["params"], graphdef, mesh)
-        writer.write_scalars(end, _prefixed(result["zero_shot"]))
+        writer.write_scalars(result["step"], _prefixed(result["zero_shot"]))
     writer.flush()
     ckpt.close()
     return result
+
+
+def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption):
+    """Steps start+1..end (or until a preemption), with logging, checkpoints and periodic zero-shot eval."""
+    from clu import periodic_actions
+
+    progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
+    averager, history, skipped, t0 = MetricAverager(), [], [], time.perf_counter()
+    on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
+    for step in range(start + 1, end + 1):
+        batch = next(data_it)
+        if step == cfg.debug.poison_step:  # test only (config.debug): a batch whose loss is NaN
+            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        averager.add(metrics, cfg.batch_size, step)
+        if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
+            jax.block_until_ready(metrics["loss"])
+        progress(step)
+        preempted = preemption.requested() and step < end
+        if step % cfg.log_every == 0 or step == end or preempted:
+            history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt, skipped)})
+            t0 = time.perf_counter()
+        if step == end or preempted or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
+        if preempted:
+            break
+        if cfg.eval.dataset and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
+            writer.write_scalars(step, _prefixed(zero_shot.evaluate(cfg, state["params"], graphdef, mesh)))
+    result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
+    result.update(history[-1] if history else {})
+    result.update(skipped_steps=skipped, preempted=step if preempted else None)
+    return state, result
 
 
 def _prefixed(metrics: dict, prefix: str = "zeroshot/") -> dict:

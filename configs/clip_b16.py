@@ -26,6 +26,9 @@ def get_config(arg: str = ""):
     c.loss.kind = "softmax"
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 5e-4, 10_000, 0.2
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+    c.tokenizer.kind = "clip_bpe"  # CLIP's 49,408-token BPE (start 49406, end 49407, pad 0)
+    c.data.train_crop, c.data.eval_crop = "inception", "centre"
     c.data.name = "coco_captions"  # any local tfds image-text set
+    c.data.text_key = "captions/text"  # coco_captions holds several captions per image; one is drawn per visit
     c.eval.dataset, c.eval.split, c.eval.templates = "imagenet2012", "validation", "imagenet_short"
     return c

@@ -33,7 +33,9 @@ NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 TFLOP/s of th
 
 def load_config(spec: str):
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path) if not os.path.isabs(path) else path)
+    module_spec = importlib.util.spec_from_file_location(
+        "cfg", os.path.join(ROOT, path) if not os.path.isabs(path) else path
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
@@ -125,8 +127,12 @@ def main():
     n = args.matmul_n or (8192 if dev.platform == "gpu" else 2048)
     rate = matmul_rate(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, n)
     peak = next((v for k, v in NOMINAL_BF16_PEAK.items() if k in dev.device_kind), None)
-    print(f"device: {jax.device_count()} x {dev.device_kind}; {args.dtype} matmul {n}^3: {rate / 1e12:.2f} TFLOP/s")
-    print("| config | dtype | remat | batch | examples/s | step ms | model GFLOP/step | MFU vs matmul | MFU vs peak | temp GiB |")
+    print(
+        f"device: {jax.device_count()} x {dev.device_kind}; {args.dtype} matmul {n}^3: {rate / 1e12:.2f} TFLOP/s"
+    )
+    print(
+        "| config | dtype | remat | batch | examples/s | step ms | model GFLOP/step | MFU vs matmul | MFU vs peak | temp GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for remat in args.remat.split(","):
@@ -136,12 +142,22 @@ def main():
         r = bench(cfg, args.steps)
         model_flops = r["flops_per_step"]
         achieved = model_flops / r["step_s"]
-        r.update(config=args.config, dtype=args.dtype, remat=remat, batch=cfg.batch_size, device=dev.device_kind,
-                 matmul_tflops=rate / 1e12, mfu_vs_matmul=achieved / rate, mfu_vs_peak=achieved / peak if peak else None)
+        r.update(
+            config=args.config,
+            dtype=args.dtype,
+            remat=remat,
+            batch=cfg.batch_size,
+            device=dev.device_kind,
+            matmul_tflops=rate / 1e12,
+            mfu_vs_matmul=achieved / rate,
+            mfu_vs_peak=achieved / peak if peak else None,
+        )
         rows.append(r)
         peak_txt = f"{r['mfu_vs_peak']:.1%}" if peak else "n/a"
-        print(f"| {args.config} | {args.dtype} | {remat} | {cfg.batch_size} | {r['examples_per_s']:.1f} | "
-              f"{1e3 * r['step_s']:.1f} | {model_flops / 1e9:.1f} | {r['mfu_vs_matmul']:.1%} | {peak_txt} | {r['temp_gib']:.2f} |")
+        print(
+            f"| {args.config} | {args.dtype} | {remat} | {cfg.batch_size} | {r['examples_per_s']:.1f} | "
+            f"{1e3 * r['step_s']:.1f} | {model_flops / 1e9:.1f} | {r['mfu_vs_matmul']:.1%} | {peak_txt} | {r['temp_gib']:.2f} |"
+        )
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -16,15 +16,21 @@ Nothing here reaches the network: builders are constructed from their classes
 
 from __future__ import annotations
 
+import glob
 import os
 
 import tensorflow_datasets as tfds
 
-from clip_jax.datasets import digits, shapes
+from clip_jax.datasets import digits, local, shapes
 
 BUILDERS = {
     "clip_shapes": shapes.ClipShapes,
     "clip_digits": digits.ClipDigits,
+}
+# Builders over the user's own files (see local.py): one config per corpus, named when it is prepared.
+LOCAL_BUILDERS = {
+    "image_text_folder": local.ImageTextFolder,
+    "webdataset": local.Webdataset,
 }
 CLASS_NAMES = {
     "clip_shapes": shapes.CLASS_NAMES,  # "red circle", ... (colour x shape)
@@ -96,3 +102,32 @@ def data_source(
             f"`python data/prepare.py --name {name} --data_dir {data_dir}`"
         )
     return result.as_data_source(split=split)
+
+
+def prepare_local(kind: str, source: str, name: str, data_dir: str | os.PathLike):
+    """Prepares a local corpus (kind: 'image_text_folder' or 'webdataset'; source: its folder or shard glob) as
+    `<data_dir>/<kind>/<name>`, read afterwards as data.name='<kind>/<name>'. Idempotent like `prepare`."""
+    if kind not in LOCAL_BUILDERS:
+        raise ValueError(f"unknown local corpus kind {kind!r}; expected one of {sorted(LOCAL_BUILDERS)}")
+    config = local.LocalConfig(name=name, source=os.path.abspath(os.path.expanduser(source)))
+    result = LOCAL_BUILDERS[kind](data_dir=os.fspath(data_dir), config=config, file_format=FILE_FORMAT)
+    tfds.core.utils.gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+    download_config = tfds.download.DownloadConfig(
+        try_download_gcs=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    result.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+    return result
+
+
+def local_source(kind: str, name: str, split: str, data_dir: str | os.PathLike):
+    """Random-access source over a prepared local corpus, read from its directory (its config is not registered
+    by name, so the builder class cannot be looked up; the directory holds everything needed to read it)."""
+    root = os.path.join(os.fspath(data_dir), kind, name)
+    versions = sorted(glob.glob(os.path.join(root, "*", "dataset_info.json")))
+    if not name or not versions:
+        raise FileNotFoundError(
+            f"{kind}/{name} is not prepared in {data_dir}; run `python data/prepare_local.py "
+            f"{'folder' if kind == 'image_text_folder' else 'webdataset'} SOURCE --name {name or 'NAME'} "
+            f"--data_dir {data_dir}`"
+        )
+    return tfds.builder_from_directory(os.path.dirname(versions[-1])).as_data_source(split=split)

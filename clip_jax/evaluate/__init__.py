@@ -1,7 +1,6 @@
 """Evaluators; `evaluate_checkpoint` runs them standalone on the latest checkpoint of a workdir."""
 
 
-
 def evaluate_checkpoint(cfg, workdir: str) -> dict:
     from clip_jax import checkpoint as checkpoint_lib
     from clip_jax import optim, sharding, train

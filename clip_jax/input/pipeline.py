@@ -5,17 +5,18 @@ space, so the data order depends only on the seed; the iterator's state is a few
 checkpoint, and restoring it yields exactly the batches an uninterrupted run would have seen.
 """
 
+import logging
 import os
+import time
 
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
+from clip_jax.input import decode, ops
 from clip_jax.input import tokenizer as tokenizer_lib
 
-# Images are scaled to [-1, 1]: the towers learn their own input statistics, and this is exact for uint8.
-_SCALE = 2.0 / 255.0
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -30,6 +31,11 @@ def open_source(name: str, split: str, data_dir: str):
 
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     base, _, builder_config = name.partition("/")  # tfds "name/config" syntax
+    if base in datasets.LOCAL_BUILDERS:  # the user's own corpus, prepared by data/prepare_local.py
+        try:
+            return datasets.local_source(base, builder_config, split, data_dir)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise DataError(_one_line(e)) from None
     if base in datasets.BUILDERS:
         datasets.prepare(base, data_dir, builder_config or None)
     how = (
@@ -38,13 +44,13 @@ def open_source(name: str, split: str, data_dir: str):
     )
     try:
         prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
-    except Exception as e:  # unknown name and not a prepared folder either
+    except Exception as e:  # noqa: BLE001  unknown name and not a prepared folder either
         raise DataError(f"cannot find tfds dataset '{name}' in {data_dir} ({_one_line(e)}); {how}") from None
     if not prepared:
         raise DataError(f"tfds dataset '{name}' is not prepared in {data_dir}; {how}")
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # e.g. prepared as TFRecord (no random access) or a missing split
+    except Exception as e:  # noqa: BLE001  e.g. prepared as TFRecord (no random access) or a missing split
         raise DataError(f"cannot read '{name}' split '{split}' from {data_dir}: {_one_line(e)}") from None
 
 
@@ -63,35 +69,170 @@ def class_names(cfg) -> list[str]:
 
 
 def load_image(image, size: int) -> np.ndarray:
-    """uint8 HxWxC (any C) -> float32 [size, size, 3] in [-1, 1]."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
-    if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    return image.astype(np.float32) * _SCALE - 1.0
+    """Stored image (any channel layout, or encoded bytes) -> float32 [size, size, 3] in [-1, 1]; raises on a
+    bad image (the train pipeline skips those instead, see _Preprocess)."""
+    rgb, bits = decode.image(image, size, min_side=1)
+    if rgb is None:
+        raise ValueError(f"bad image: {', '.join(decode.issue_names(bits))}")
+    return ops.eval_view(rgb, size, "resize")
 
 
-def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+def field(record, key: str):
+    """record[key], where 'a/b' reaches into nested features (coco_captions' captions are 'captions/text')."""
+    for part in key.split("/"):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
 
 
-class _Preprocess(grain.transforms.Map):
-    """Record -> {'image', 'tokens'}; a module-level class so grain worker processes can pickle it."""
+class _Preprocess(grain.transforms.MapWithIndex):
+    """(index, record) -> {'image', 'tokens', '_issues'}, or {'_issues'} alone for a record to skip.
+
+    A module-level class so grain worker processes can pickle it. Crops, flips and the choice among several
+    captions draw from a generator seeded by (seed, host, index): deterministic, the same after a resume, new
+    every epoch (the index keeps growing). It is built only for records that need it, as building one costs
+    ~40 us, more than all the rest of the work on an embedded 32x32 example.
+    """
 
     def __init__(self, cfg):
-        self.image_key, self.text_key = cfg.data.image_key, cfg.data.text_key
-        self.size = cfg.model.image.image_size
+        d = cfg.data
+        if d.train_crop not in ops.TRAIN_CROPS:
+            raise ValueError(f"data.train_crop={d.train_crop!r}; choose one of {ops.TRAIN_CROPS}")
+        self.image_key, self.text_key, self.min_side = d.image_key, d.text_key, d.min_image_size
+        self.crop, self.min_area, self.flip = d.train_crop, d.crop_min_area, d.flip
+        self.seed, self.host, self.size = cfg.seed, jax.process_index(), cfg.model.image.image_size
+        self.random_view = d.train_crop != "resize" or d.flip
         self.tok = tokenizer_lib.make(cfg)
 
-    def map(self, record):
+    def map_with_index(self, index, record):
+        if decode.UNREADABLE in record:
+            return {"_issues": decode.BIT["unreadable_record"]}
+        value = field(record, self.text_key)
+        several = isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0)
+        rng = np.random.default_rng((self.seed, self.host, index)) if self.random_view or several else None
+        text, bits = decode.caption(value, self.tok.max_len, rng)
+        if text is None:  # checked first: a caption costs microseconds, an image decode milliseconds
+            return {"_issues": bits}
+        rgb, more = decode.image(field(record, self.image_key), self.size, self.min_side)
+        if rgb is None:
+            return {"_issues": bits | more}
+        image = ops.train_view(rgb, self.size, rng, self.crop, self.min_area, self.flip)
+        return {"image": image, "tokens": self.tok.encode(text), "_issues": bits | more}
+
+
+class _SafeSource:
+    """A data source whose failing reads become marker records: one unreadable record is one skipped example."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except Exception:  # noqa: BLE001  storage and feature decoding raise many types; count, never crash
+            return {decode.UNREADABLE: True}
+
+
+class GoodBatches(grain.IterDataset):
+    """Batches of `batch_size` good examples from a parent that yields lists of processed examples (chunks).
+
+    Skipped records are dropped before batching, so every batch is full. Work is prefetched a chunk at a time
+    (one thread task per chunk, as cheap as batching; grain's per-element prefetch costs O(buffer) per element),
+    and the state is (the parent's state before the current chunk, the offset in it), so a resume is exact even
+    when a batch ends mid-chunk. Each batch carries '_issues': int64 [len(decode.KINDS)], the kinds met while
+    filling it (summed and logged by IssueCounter).
+    """
+
+    def __init__(self, parent, batch_size: int, max_skips: int):
+        super().__init__(parent)
+        self.batch_size, self.max_skips = batch_size, max_skips
+
+    def __iter__(self):
+        return _GoodBatchIterator(self._parent.__iter__(), self.batch_size, self.max_skips)
+
+
+class _GoodBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, batch_size, max_skips):
+        super().__init__(parent)
+        self.batch_size, self.max_skips = batch_size, max_skips
+        self._chunk, self._offset, self._chunk_state = [], 0, parent.get_state()
+
+    def _next_example(self):
+        while self._offset >= len(self._chunk):
+            self._chunk_state = self._parent.get_state()
+            self._chunk, self._offset = next(self._parent), 0
+        self._offset += 1
+        return self._chunk[self._offset - 1]
+
+    def __next__(self):
+        good, counts, skipped = [], np.zeros(len(decode.KINDS), np.int64), 0
+        while len(good) < self.batch_size:
+            example = self._next_example()
+            bits = example["_issues"]
+            if bits:
+                counts += [(bits >> i) & 1 for i in range(len(decode.KINDS))]
+            if bits & decode.SKIP_MASK:
+                skipped += 1
+                if skipped > self.max_skips:  # a dataset that is all bad would otherwise spin forever
+                    raise DataError(f"{skipped} bad records in a row while filling one batch: {_named(counts)}")
+            else:
+                good.append(example)
         return {
-            "image": load_image(record[self.image_key], self.size),
-            "tokens": self.tok.encode(_text(record[self.text_key])),
+            "image": np.stack([g["image"] for g in good]),
+            "tokens": np.stack([g["tokens"] for g in good]),
+            "_issues": counts,
         }
+
+    def get_state(self):
+        if self._offset >= len(self._chunk):  # at a chunk boundary: no need to redo the finished chunk
+            return {"chunk": self._parent.get_state(), "offset": 0}
+        return {"chunk": self._chunk_state, "offset": self._offset}
+
+    def set_state(self, state):
+        if "chunk" not in state:  # a checkpoint from before filtering: its batch index is our chunk index
+            state = {"chunk": state, "offset": 0}
+        self._parent.set_state(state["chunk"])
+        self._chunk_state, self._chunk, self._offset = state["chunk"], [], 0
+        if state["offset"]:
+            self._chunk, self._offset = next(self._parent), state["offset"]
+
+
+def _named(counts) -> str:
+    return ", ".join(f"{k}={int(n)}" for k, n in zip(decode.KINDS, counts, strict=True) if n) or "none"
+
+
+class IssueCounter:
+    """The train iterator as the trainer sees it: batches without '_issues', the totals in `.counts`, logged
+    when they change (at most every `log_every_s` seconds); get_state/set_state pass through to grain."""
+
+    def __init__(self, iterator, log_every_s: float = 60.0):
+        self.iterator, self.log_every_s = iterator, log_every_s
+        self.totals = np.zeros(len(decode.KINDS), np.int64)
+        self._logged, self._last_log = self.totals.copy(), -float("inf")
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: int(n) for k, n in zip(decode.KINDS, self.totals, strict=True) if n}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.totals += batch.pop("_issues")
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s and (self.totals != self._logged).any():
+            log.warning("input data issues so far (skipped or converted): %s", _named(self.totals))
+            self._logged, self._last_log = self.totals.copy(), now
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
 
 
 class InMemorySource:
@@ -118,20 +259,52 @@ class InMemorySource:
         return {k: v[index] for k, v in self.columns.items()}
 
 
+def mixture(data) -> list[tuple[str, float]]:
+    """[(tfds name, weight)]: data.mixture ('name:weight,name:weight') when set, else data.name alone."""
+    if not data.mixture.strip():
+        return [(data.name, 1.0)]
+    out = []
+    for part in data.mixture.split(","):
+        name, _, weight = part.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise ValueError(f"data.mixture entry {part.strip()!r} is not 'name:weight' with a positive weight")
+        out.append((name, value))
+    return out
+
+
 def train_iterator(cfg):
-    """Endless iterator of host-local batches {'image': [b,H,W,3] f32, 'tokens': [b,L] i32}; has get/set_state."""
+    """Endless iterator of host-local batches {'image': [b,H,W,3] f32, 'tokens': [b,L] i32}; has get/set_state.
+
+    Order: seed -> global shuffle (a fresh permutation per epoch) -> this host's slice -> decode/augment/tokenize
+    (prefetched by threads, or grain worker processes) -> drop bad records -> batch.
+    """
     pc, pi = jax.process_count(), jax.process_index()
     if cfg.batch_size % pc:
         raise ValueError(f"batch_size={cfg.batch_size} does not divide over {pc} hosts")
-    source = open_source(cfg.data.name, cfg.data.train_split, cfg.data.data_dir)
-    if cfg.data.cache:
-        source = InMemorySource(source, (cfg.data.image_key, cfg.data.text_key))
-    ds = grain.MapDataset.source(source).seed(cfg.seed).shuffle().repeat(None)  # a fresh permutation per epoch
-    ds = ds[pi::pc].map(_Preprocess(cfg)).batch(cfg.batch_size // pc, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=cfg.data.prefetch))
+    local = cfg.batch_size // pc
+    parts, weights = [], []
+    for i, (name, weight) in enumerate(mixture(cfg.data)):
+        source = open_source(name, cfg.data.train_split, cfg.data.data_dir)
+        if cfg.data.cache:
+            source = InMemorySource(source, (cfg.data.image_key, cfg.data.text_key))
+        else:
+            source = _SafeSource(source)
+        # Each source is shuffled and repeated on its own before mixing, so the weights hold at every scale.
+        parts.append(grain.MapDataset.source(source).seed(cfg.seed + i).shuffle().repeat(None))
+        weights.append(weight)
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    # Chunks of `local` processed examples (a plain list each): the unit of prefetching; GoodBatches re-cuts
+    # them into full batches of good examples.
+    ds = ds[pi::pc].map_with_index(_Preprocess(cfg)).batch(local, batch_fn=list)
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
+    it_ds = GoodBatches(ds.to_iter_dataset(read), local, max_skips=max(1000, 100 * local))
     if cfg.data.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
-    return iter(it_ds)
+    return IssueCounter(iter(it_ds))
 
 
 def eval_batches(cfg, *, batch_size: int, num_devices: int):
@@ -144,20 +317,27 @@ def eval_batches(cfg, *, batch_size: int, num_devices: int):
         raise ValueError(f"eval.batch_size={batch_size} must divide over the {num_devices} devices")
     source = open_source(e.dataset, e.split, cfg.data.data_dir)
     total = len(source) if e.max_examples < 0 else min(len(source), e.max_examples)
-    local = batch_size // pc
+    local, size = batch_size // pc, cfg.model.image.image_size
+    if cfg.data.eval_crop not in ops.EVAL_CROPS:
+        raise ValueError(f"data.eval_crop={cfg.data.eval_crop!r}; choose one of {ops.EVAL_CROPS}")
     for start in range(0, total, batch_size):
         idx = list(range(start + pi * local, min(start + (pi + 1) * local, total)))
         records = [source[i] for i in idx]
         n = len(records)
         batch = {
-            "image": np.zeros((local, cfg.model.image.image_size, cfg.model.image.image_size, 3), np.float32),
+            "image": np.zeros((local, size, size, 3), np.float32),
             "label": np.zeros((local,), np.int32),
             "mask": np.zeros((local,), np.float32),
         }
-        for j, r in enumerate(records):
-            batch["image"][j] = load_image(r[cfg.data.image_key], cfg.model.image.image_size)
-            batch["label"][j] = int(r[e.label_key])
         batch["mask"][:n] = 1.0
+        for j, r in enumerate(records):
+            batch["label"][j] = int(r[e.label_key])
+            rgb, bits = decode.image(r[cfg.data.image_key], size, 1)
+            if rgb is None:  # an unreadable eval image is left out of the score (mask 0), and logged
+                batch["mask"][j] = 0.0
+                log.warning("eval image %d skipped: %s", idx[j], ", ".join(decode.issue_names(bits)))
+            else:
+                batch["image"][j] = ops.eval_view(rgb, size, cfg.data.eval_crop)
         if records and "unseen" in records[0]:
             batch["unseen"] = np.zeros((local,), np.float32)
             batch["unseen"][:n] = [float(r["unseen"]) for r in records]

@@ -3,6 +3,8 @@
 `hashed_words` needs no vocabulary file: lower-cased words (letters/digits runs) are hashed with CRC32 into the
 model's vocabulary. It suits small closed-vocabulary datasets (the embedded ones) and is identical on every
 machine (Python's own hash() is salted per process, CRC32 is not). Ids: 0 pad, 1 start, 2 end, 3+ words.
+`clip_bpe` (clip_bpe.py) is OpenAI CLIP's 49,408-token BPE; `sentencepiece` (sentencepiece_tok.py) reads a model
+file. `make(cfg)` is the one entry point.
 """
 
 import re
@@ -39,20 +41,33 @@ class HashedWords:
 
 
 def make(cfg):
-    """The tokenizer the config names, checked against the text tower's special ids."""
-    kind = cfg.tokenizer.kind
+    """The tokenizer the config names, checked against the text tower's vocabulary and special ids."""
+    kind, text = cfg.tokenizer.kind, cfg.model.text
     if kind == "hashed_words":
-        tok = HashedWords(cfg.model.text.vocab_size, cfg.model.text.max_len)
+        tok = HashedWords(text.vocab_size, text.max_len)
+    elif kind == "clip_bpe":
+        from clip_jax.input import clip_bpe  # reads the 1.4 MB merge list: only when chosen
+
+        tok = clip_bpe.ClipBPE(text.max_len, cfg.tokenizer.path)
+    elif kind == "sentencepiece":
+        from clip_jax.input import sentencepiece_tok
+
+        tok = sentencepiece_tok.SentencePiece(text.max_len, cfg.tokenizer.path)
     else:
-        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose 'hashed_words'")
-    if cfg.model.text.pool == "eos" and cfg.model.text.eos_id != tok.eos_id:
+        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose 'hashed_words', 'clip_bpe' or 'sentencepiece'")
+    if text.vocab_size < tok.vocab_size:
         raise ValueError(
-            f"model.text.eos_id={cfg.model.text.eos_id} but the {kind} tokenizer ends captions with "
+            f"model.text.vocab_size={text.vocab_size} is smaller than the {kind} tokenizer's {tok.vocab_size} ids; "
+            f"set --config.model.text.vocab_size={tok.vocab_size}"
+        )
+    if text.pool == "eos" and text.eos_id != tok.eos_id:
+        raise ValueError(
+            f"model.text.eos_id={text.eos_id} but the {kind} tokenizer ends captions with "
             f"{tok.eos_id}; set --config.model.text.eos_id={tok.eos_id}"
         )
-    if cfg.model.text.pad_id != tok.pad_id:
+    if text.pad_id != tok.pad_id:
         raise ValueError(
-            f"model.text.pad_id={cfg.model.text.pad_id} but the {kind} tokenizer pads with "
+            f"model.text.pad_id={text.pad_id} but the {kind} tokenizer pads with "
             f"{tok.pad_id}; set --config.model.text.pad_id={tok.pad_id}"
         )
     return tok

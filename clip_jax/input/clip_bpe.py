@@ -1,0 +1,173 @@
+"""OpenAI CLIP's byte-level BPE tokenizer (49,408 ids), read from the merge list vendored beside this file.
+
+Text is cleaned as CLIP cleans it (HTML entities unescaped twice, NFC, runs of whitespace to one space, lower
+case), split into pieces (contractions, letter runs, single digits, runs of other symbols), each piece's UTF-8
+bytes are spelled with 256 printable stand-in characters and merged by rank, with "</w>" marking a word's end.
+Ids: 49406 start, 49407 end, 0 padding (CLIP's layout; 0 is also the id of "!", which is harmless for causal
+towers pooled at the end token, the layout CLIP trains). Truncation keeps the end token in the last slot.
+
+Two deliberate departures from the reference code: no `ftfy` mojibake repair (an extra dependency that rewrites
+few real captions), and the literal text "<end_of_text>" in a caption is tokenized as text, never as the end
+token, so no caption can end itself early.
+"""
+
+import functools
+import gzip
+import html
+import itertools
+import os
+import unicodedata
+
+import numpy as np
+
+VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+VOCAB_SIZE = 49408
+# CLIP keeps the first 49152 - 256 - 2 merges: 256 bytes + 256 word-final bytes + merges + 2 specials = 49408.
+_NUM_MERGES = 49152 - 256 - 2
+BOS, EOS, PAD = 49406, 49407, 0
+_WORD_END = "</w>"
+# Tried in this order at the start of every piece, before the character classes (as CLIP's pattern does).
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+_CACHE_LIMIT = 1 << 17  # words; the cache is dropped when full so a long run's memory stays bounded
+
+
+def byte_symbols() -> tuple[list[str], list[int]]:
+    """(stand-in characters, their byte values), in CLIP's vocabulary order (ids 0..255).
+
+    Printable Latin-1 bytes stand for themselves and come first; the other 68 bytes (controls, space, soft
+    hyphen) get the characters 256, 257, ... so no symbol is whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = sorted(set(range(256)) - set(printable))
+    return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))], printable + rest
+
+
+def clean(text: str) -> str:
+    """CLIP's text cleaning: entities unescaped twice ("&amp;amp;" is common in scraped alt text), NFC so that
+    composed and decomposed accents tokenize alike, whitespace runs to one space, lower case."""
+    text = html.unescape(html.unescape(text))
+    text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split()).lower()
+
+
+@functools.cache
+def _char_class(ch: str) -> str:
+    """' ' whitespace, 'L' letter, 'N' number, 'O' anything else (Unicode general categories, as \\p{L}/\\p{N})."""
+    if ch.isspace():
+        return " "
+    major = unicodedata.category(ch)[0]
+    return major if major in "LN" else "O"
+
+
+def split_pieces(text: str) -> list[str]:
+    """CLIP's pre-tokenizer: 's|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+ scanned left to right."""
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        kind = _char_class(text[i])
+        if kind == " ":
+            i += 1
+            continue
+        if text[i] == "'":
+            found = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None)
+            if found:
+                pieces.append(found)
+                i += len(found)
+                continue
+        j = i + 1
+        if kind != "N":  # digits are single pieces; letters and symbols extend over their own class
+            while j < n and _char_class(text[j]) == kind:
+                j += 1
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str) -> tuple[dict, dict]:
+    """(symbol -> id, merge pair -> rank), shared by every tokenizer of this process that reads `path`."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES]]  # line 0 is a version header
+    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path} is not CLIP's BPE merge list ({len(merges)} merges, expected {_NUM_MERGES})")
+    symbols, _ = byte_symbols()
+    vocab = symbols + [s + _WORD_END for s in symbols] + [a + b for a, b in merges]
+    vocab += ["<start_of_text>", "<end_of_text>"]
+    return {s: i for i, s in enumerate(vocab)}, {m: r for r, m in enumerate(merges)}
+
+
+class ClipBPE:
+    """text -> int32 [max_len]: [BOS, ids..., EOS, PAD...]; picklable by path, so grain workers reload it."""
+
+    vocab_size = VOCAB_SIZE
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+    def __init__(self, max_len: int, path: str = ""):
+        if max_len < 2:
+            raise ValueError(f"model.text.max_len must hold at least the start and end tokens, got {max_len}")
+        self.max_len, self.path = max_len, path or VOCAB_FILE
+        self._setup()
+
+    def _setup(self):
+        self.encoder, self.ranks = _load(self.path)
+        symbols, order = byte_symbols()
+        self._byte_char = [""] * 256
+        for byte, symbol in zip(order, symbols):
+            self._byte_char[byte] = symbol
+        self._cache = {}
+
+    def __getstate__(self):
+        return {"max_len": self.max_len, "path": self.path}
+
+    def __setstate__(self, state):
+        self.max_len, self.path = state["max_len"], state["path"]
+        self._setup()
+
+    def _merge(self, word: str) -> list[str]:
+        """Byte-level BPE of one piece: repeatedly merge the lowest-ranked adjacent pair, every occurrence of it
+        left to right, until no adjacent pair has a rank."""
+        parts = list(word[:-1]) + [word[-1] + _WORD_END]
+        while len(parts) > 1:
+            ranks = [self.ranks.get(pair, _NUM_MERGES) for pair in itertools.pairwise(parts)]
+            best = min(ranks)
+            if best == _NUM_MERGES:
+                break
+            first, second = parts[ranks.index(best)], parts[ranks.index(best) + 1]
+            merged, k = [], 0
+            while k < len(parts):
+                if k + 1 < len(parts) and parts[k] == first and parts[k + 1] == second:
+                    merged.append(first + second)
+                    k += 2
+                else:
+                    merged.append(parts[k])
+                    k += 1
+            parts = merged
+        return parts
+
+    def piece_ids(self, piece: str) -> list[int]:
+        ids = self._cache.get(piece)
+        if ids is None:
+            word = "".join(self._byte_char[b] for b in piece.encode("utf-8"))
+            ids = [self.encoder[p] for p in self._merge(word)]
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[piece] = ids
+        return ids
+
+    def ids(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text` without start/end; stops once `limit` ids exist (long captions are cut anyway)."""
+        out = []
+        for piece in split_pieces(clean(text)):
+            out.extend(self.piece_ids(piece))
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
+        return out
+
+    def encode(self, text: str) -> np.ndarray:
+        body = self.ids(text, limit=self.max_len - 2)  # room for start and end: truncation keeps the end token
+        out = np.full((self.max_len,), PAD, np.int32)
+        out[: len(body) + 2] = [BOS, *body, EOS]
+        return out
+
+    def __call__(self, texts) -> np.ndarray:
+        return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)

@@ -1,0 +1,167 @@
+"""Turning one stored record's image and caption into clean inputs, or a reason to skip it.
+
+Web-scale image-text data is dirty: files that do not decode or stop halfway, grey / CMYK / transparent /
+palette images, thumbnails and 50-megapixel scans, captions that are empty, not UTF-8 or a whole web page.
+Every function here returns its result together with an `issues` bit mask, so one bad record costs one skipped
+example and a count in the log, never a crash. Bits in SKIPPED mean "drop the example"; the others say what was
+converted. The pipeline sums the bits per kind (see pipeline.GoodBatches) and logs the totals.
+"""
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Reasons to drop an example; then conversions that keep it. The order is the order of the counts array.
+SKIP_KINDS = (
+    "unreadable_record",  # the storage layer could not return the record at all
+    "undecodable_image",  # not an image file Pillow knows (garbage bytes, HTML error page, empty file)
+    "truncated_image",  # a valid header but the pixel data stops early
+    "oversized_image",  # more pixels than Pillow's decompression-bomb guard allows
+    "tiny_image",  # a side shorter than data.min_image_size: nothing left to learn after upscaling
+    "missing_caption",  # no caption value at all
+    "empty_caption",  # only whitespace: every such pair would share one text embedding
+)
+CONVERT_KINDS = (
+    "grayscale_image",  # L / 1 / LA / one channel: repeated to three channels
+    "cmyk_image",  # print-workflow JPEGs
+    "alpha_image",  # RGBA / LA: composited over white, as viewers show transparent product shots
+    "palette_image",  # GIF-style indexed colours (with or without a transparent index)
+    "other_mode_image",  # 16-bit, float, YCbCr, LAB, ...
+    "large_image",  # a side over 4x the training size: decoded at reduced scale (JPEG draft mode)
+    "non_utf8_caption",  # bytes that are not UTF-8: decoded with replacement characters
+    "clipped_caption",  # longer than any tokenizer could use: cut before tokenizing
+)
+KINDS = SKIP_KINDS + CONVERT_KINDS
+BIT = {kind: 1 << i for i, kind in enumerate(KINDS)}
+SKIP_MASK = sum(BIT[k] for k in SKIP_KINDS)
+UNREADABLE = "__unreadable__"  # the key of the marker record that replaces one the storage could not read
+_CHARS_PER_TOKEN = 16  # generous: real captions average ~4-5 characters per BPE token
+
+
+def issue_names(bits: int) -> list[str]:
+    return [k for k in KINDS if bits & BIT[k]]
+
+
+def _white_background(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, int]:
+    """Any Pillow mode -> RGB, with the bit naming the conversion."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, 0
+    if mode == "P" or mode == "PA":
+        has_alpha = mode == "PA" or "transparency" in img.info
+        return (_white_background(img) if has_alpha else img.convert("RGB")), BIT["palette_image"]
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        return _white_background(img), BIT["alpha_image" if mode[0] == "R" else "grayscale_image"]
+    if mode == "CMYK":
+        return img.convert("RGB"), BIT["cmyk_image"]
+    if mode in ("1", "L"):
+        return img.convert("RGB"), BIT["grayscale_image"]
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow clips (does not scale) 16-bit and float values on convert("L"): scale to 0..255 ourselves.
+        arr = np.asarray(img, np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB"), BIT["other_mode_image"]
+    return img.convert("RGB"), BIT["other_mode_image"]
+
+
+def _open(data: bytes, size: int, min_side: int) -> tuple[Image.Image | None, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # counted below, not warned per file
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return None, BIT["oversized_image"]
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None, BIT["undecodable_image"]
+    if min(img.size) < min_side:
+        return None, BIT["tiny_image"]
+    bits = 0
+    if max(img.size) > 4 * size:
+        bits |= BIT["large_image"]
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost; keep >= 4x the training size so a
+        # small random crop still has full resolution.
+        img.draft("RGB", (4 * size, 4 * size))
+    try:
+        img.load()
+    except OSError as e:
+        return None, BIT["truncated_image" if "truncated" in str(e) else "undecodable_image"]
+    except Exception:  # noqa: BLE001  Pillow plugins raise many types on corrupt data; any of them is one skip
+        return None, BIT["undecodable_image"]
+    return img, bits
+
+
+def _array_to_rgb(arr: np.ndarray, min_side: int) -> tuple[np.ndarray | None, int]:
+    """An already decoded array (tfds Image features, in-memory caches) -> uint8 HxWx3."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        return None, BIT["undecodable_image"]
+    if min(arr.shape[:2]) < min_side:
+        return None, BIT["tiny_image"]
+    bits = 0
+    if arr.dtype != np.uint8:
+        bits |= BIT["other_mode_image"]
+        top = 65535.0 if arr.dtype == np.uint16 else (1.0 if arr.dtype.kind == "f" else 255.0)
+        arr = np.clip(np.round(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    channels = arr.shape[-1]
+    if channels in (2, 4):  # with alpha: over white
+        alpha = arr[..., -1:].astype(np.float32) / 255.0
+        colour = arr[..., :-1].astype(np.float32)
+        arr = np.round(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        bits |= BIT["alpha_image"] if channels == 4 else BIT["grayscale_image"]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+        bits |= 0 if channels == 2 else BIT["grayscale_image"]
+    return arr, bits
+
+
+def image(value, size: int, min_side: int) -> tuple[np.ndarray | None, int]:
+    """Stored image (encoded bytes or a decoded array) -> (uint8 HxWx3 or None, issue bits)."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return _array_to_rgb(value, min_side)
+    if isinstance(value, np.ndarray):  # a 0-d object array holding the bytes
+        value = value.item()
+    if not isinstance(value, (bytes, bytearray)) or not value:
+        return None, BIT["undecodable_image"]
+    img, bits = _open(bytes(value), size, min_side)
+    if img is None:
+        return None, bits
+    try:
+        img, more = _to_rgb(img)
+    except Exception:  # noqa: BLE001  a conversion of a half-valid file is one skip, not a crash
+        return None, BIT["undecodable_image"]
+    return np.asarray(img, np.uint8), bits | more
+
+
+def caption(value, max_tokens: int, rng: np.random.Generator | None = None) -> tuple[str | None, int]:
+    """Stored caption(s) -> (text or None, issue bits). Several captions (a list, as in COCO): one at random."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        choices = [v for v in value if v is not None]
+        if not choices:
+            return None, BIT["missing_caption"]
+        value = choices[int(rng.integers(len(choices))) if rng is not None and len(choices) > 1 else 0]
+    if value is None:
+        return None, BIT["missing_caption"]
+    bits = 0
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            value, bits = bytes(value).decode("utf-8", errors="replace"), BIT["non_utf8_caption"]
+    text = str(value)
+    limit = _CHARS_PER_TOKEN * max_tokens
+    if len(text) > limit:  # a tokenizer would throw the rest away; cutting first bounds its work
+        text, bits = text[:limit], bits | BIT["clipped_caption"]
+    if not text.strip():
+        return None, bits | BIT["empty_caption"]
+    return text, bits

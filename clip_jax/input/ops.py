@@ -1,0 +1,80 @@
+"""Image geometry for training and evaluation: uint8 HxWx3 in, float32 [size, size, 3] in [-1, 1] out.
+
+Training: `resize` squashes the whole image to a square (what the embedded sets need: their captions name
+positions, and every pixel is at the final size already), or `inception` takes CLIP's random-resized crop (a
+random area fraction and aspect ratio, then resize), optionally flipped. Evaluation: `resize`, or `centre`
+(shorter side to `size`, then the central square), the standard zero-shot protocol for photos.
+"""
+
+import math
+
+import numpy as np
+from PIL import Image
+
+TRAIN_CROPS = ("resize", "inception")
+EVAL_CROPS = ("resize", "centre")
+# Images are scaled to [-1, 1]: the towers learn their own input statistics, and this is exact for uint8.
+_SCALE = 2.0 / 255.0
+_ASPECT = (3 / 4, 4 / 3)  # the crop's width/height range (log-uniform), as in Inception and CLIP
+_TRIES = 10  # random crop proposals before falling back to the centre crop
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) * _SCALE - 1.0
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    return _resize(image, size, size)
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to `size` (aspect kept), then the central size x size square."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    image = _resize(image, nw, nh)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def crop_box(h: int, w: int, rng: np.random.Generator, min_area: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering [min_area, 1] of the image, aspect in 3/4..4/3."""
+    area = h * w
+    for _ in range(_TRIES):
+        target = area * rng.uniform(min_area, 1.0)
+        aspect = math.exp(rng.uniform(math.log(_ASPECT[0]), math.log(_ASPECT[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1)), ch, cw
+    # Extreme aspect ratios rarely fit: the largest centred crop with an allowed aspect instead.
+    ratio = w / h
+    if ratio < _ASPECT[0]:
+        cw, ch = w, round(w / _ASPECT[0])
+    elif ratio > _ASPECT[1]:
+        cw, ch = round(h * _ASPECT[1]), h
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def inception_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_area: float) -> np.ndarray:
+    top, left, ch, cw = crop_box(image.shape[0], image.shape[1], rng, min_area)
+    return resize(np.ascontiguousarray(image[top : top + ch, left : left + cw]), size)
+
+
+def train_view(image: np.ndarray, size: int, rng: np.random.Generator, crop: str, min_area: float, flip: bool):
+    """One training view of a uint8 image, as float32 in [-1, 1]."""
+    out = inception_crop(image, size, rng, min_area) if crop == "inception" else resize(image, size)
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return to_float(out)
+
+
+def eval_view(image: np.ndarray, size: int, crop: str) -> np.ndarray:
+    return to_float(centre_crop(image, size) if crop == "centre" else resize(image, size))
