@@ -8,7 +8,6 @@ not the generator's own bookkeeping.
 import hashlib
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -23,17 +22,7 @@ SHAPE_WORDS = "|".join(shapes.SHAPES)
 MENTION = re.compile(rf"(?:(small|large) )?({COLOUR_WORDS}) ({SHAPE_WORDS})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    """Any connection attempt during these tests fails loudly."""
-    original = socket.socket.connect
-
-    def refuse(self, address):
-        raise AssertionError(f"network access attempted: {address}")
-
-    socket.socket.connect = refuse
-    yield
-    socket.socket.connect = original
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any connection attempt fails the test
 
 
 def _small(name="small_test", seed=0):  # not "small": tfds refuses a custom config named like a registered one

@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import os
-import socket
 import sys
 import tarfile
 
@@ -22,16 +21,7 @@ import prepare_local  # after the sys.path lines
 import tiny_cpu
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    original = socket.socket.connect
-
-    def refuse(self, address):
-        raise AssertionError(f"network access attempted: {address}")
-
-    socket.socket.connect = refuse
-    yield
-    socket.socket.connect = original
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any connection attempt fails the test
 
 
 def _image(value: int, fmt: str) -> bytes:
