@@ -283,9 +283,10 @@ def _check_model(cfg) -> None:
 
 
 def model_fingerprint(cfg) -> dict:
-    """The keys that fix the shapes of the train state: a checkpoint must agree on all of them to be resumed."""
+    """The keys that fix the train state (model shapes, and what token ids mean): a checkpoint must agree on all of
+    them to be resumed."""
     flat = _flatten(cfg)
-    return {k: v for k, v in flat.items() if k.startswith("model.") or k == "tokenizer.kind"}
+    return {k: v for k, v in flat.items() if k.startswith("model.") or k.startswith("tokenizer.")}
 
 
 def check_override_keys(argv) -> None:

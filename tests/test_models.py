@@ -371,9 +371,24 @@ def test_bidirectional_ignores_padding(pool):
     short, long = tokens_with_eos([3, 6], 8), tokens_with_eos([3, 6], 12)
     np.testing.assert_array_equal(short, long[:, :8])
     np.testing.assert_allclose(model(short), model(long), atol=1e-5)
-    # If padding were not recognised (a different pad_id) the extra pads would change the result.
-    unmasked = text_tower(**{"text.causal": False, "text.pool": pool, "text.pad_id": 98})
+    # If padding were not recognised (no end token to find, another pad id) the extra pads would change the result.
+    unmasked = text_tower(**{"text.causal": False, "text.pool": pool, "text.pad_id": 98, "text.eos_id": 98})
     assert np.abs(unmasked(short) - unmasked(long)).max() > 1e-3
+
+
+def test_padding_is_what_follows_the_end_token():
+    """A real token that shares the pad id (CLIP BPE: 0 is "!") is kept; positions after the end token are not."""
+    tower = text.TextTransformer(
+        make_cfg(**{"text.causal": False}).text,
+        embed_dim=16,
+        dtype=jnp.float32,
+        remat=False,
+        rngs=nnx.Rngs(params=0),
+    )
+    tokens = jnp.array([[1, 5, PAD, 7, EOS, PAD, PAD], [1, 5, 6, 7, 8, 9, 10]])  # second row: cut before its end
+    valid = np.asarray(tower._valid(tokens))
+    np.testing.assert_array_equal(valid[0], [1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(valid[1], [1] * 7)
 
 
 def test_attention_matches_numpy_reference():

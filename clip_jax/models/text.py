@@ -48,7 +48,15 @@ class TextTransformer(nnx.Module):
         if self.causal:
             return jnp.tril(jnp.ones((length, length), bool))[None, None]
         # Bidirectional: nobody attends to padding, so extra trailing pads change nothing.
-        return (tokens != self.pad_id)[:, None, None, :]
+        return self._valid(tokens)[:, None, None, :]
+
+    def _valid(self, tokens):
+        """Real positions: everything up to and including the first end token; padding is what follows it.
+        Matching the pad id instead would also drop real tokens that share it (CLIP's BPE pads with 0, which is
+        also the id of "!"). A row without an end token (cut short) falls back to `tokens != pad_id`."""
+        is_eos = tokens == self.eos_id
+        after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+        return jnp.where(is_eos.any(axis=1, keepdims=True), ~after_eos, tokens != self.pad_id)
 
     def features(self, tokens):
         """Token features after the final LayerNorm: [B, L, width] in the compute dtype."""
@@ -64,7 +72,7 @@ class TextTransformer(nnx.Module):
         if self.pool == "last":
             return x[:, -1]
         if self.pool == "mean":
-            keep = (tokens != self.pad_id)[..., None].astype(jnp.float32)
+            keep = self._valid(tokens)[..., None].astype(jnp.float32)
             total = jnp.sum(x.astype(jnp.float32) * keep, axis=1)
             return (total / jnp.maximum(keep.sum(axis=1), 1.0)).astype(self.dtype)
         is_eos = tokens == self.eos_id
