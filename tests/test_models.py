@@ -1,7 +1,4 @@
-"""Model towers: shapes, norms, parameter counts, masking, sharding annotations, precision, remat."""
-
-import functools
-import json
+"""Model towers: shapes, norms, parameter counts, masking, sharding annotations, precision, gradients."""
 
 import flax
 
@@ -9,132 +6,24 @@ flax.config.update("flax_always_shard_variable", False)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from clip_jax.models import layers, text, two_tower, vit  # noqa: E402
-
-VOCAB, EOS, PAD = 100, 99, 0
-
-
-def make_cfg(**overrides):
-    """A small model config with the same keys as config.base().model; overrides use 'image.pool' style keys."""
-    c = ml_collections.ConfigDict(
-        dict(
-            embed_dim=16,
-            dtype="float32",
-            log_t_init=2.6593,
-            bias_init=0.0,
-            remat=False,
-            image=dict(
-                variant="mu/4",
-                width=-1,
-                depth=-1,
-                mlp_dim=-1,
-                num_heads=-1,
-                patch_size=-1,
-                image_size=16,
-                pool="cls",
-                posemb="learn",
-                proj=True,
-            ),
-            text=dict(
-                variant="mu",
-                width=-1,
-                depth=-1,
-                mlp_dim=-1,
-                num_heads=-1,
-                vocab_size=VOCAB,
-                max_len=12,
-                causal=True,
-                pool="eos",
-                eos_id=EOS,
-                pad_id=PAD,
-                proj=True,
-            ),
-        )
-    )
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+from clip_jax.models import layers, text, two_tower  # noqa: E402
+from model_utils import (  # noqa: E402  (shared with test_layers.py)
+    EOS,
+    PAD,
+    assert_unit_rows,
+    build,
+    image_tower,
+    images,
+    make_cfg,
+    text_tower,
+    tokens_with_eos,
+)
 
 
-class Jitted:
-    """Runs a module's methods under jax.jit, as the trainer does. Eager calls would recompile the encoder's
-    layer scan on every call (its step function is a new closure each time), which dominates a CPU test run."""
-
-    def __init__(self, module):
-        graphdef, self.state = nnx.split(module)
-        self.module = module
-        self._run = jax.jit(
-            lambda state, method, *args: getattr(nnx.merge(graphdef, state), method)(*args), static_argnums=1
-        )
-
-    def __call__(self, *args):
-        return self._run(self.state, "__call__", *args)
-
-    def features(self, *args):
-        return self._run(self.state, "features", *args)
-
-
-# Models are cached per config (tests never mutate them) so each config initialises and compiles once; tests
-# that need one tower build only that one.
-@functools.cache
-def _build(cfg_json, part):
-    cfg = ml_collections.ConfigDict(json.loads(cfg_json))
-    if part == "both":
-        return Jitted(two_tower.TwoTower(cfg, rngs=nnx.Rngs(params=0)))
-    cls, sub = (vit.ViT, cfg.image) if part == "image" else (text.TextTransformer, cfg.text)
-    return Jitted(
-        cls(
-            sub,
-            embed_dim=cfg.embed_dim,
-            dtype=layers.compute_dtype(cfg.dtype),
-            remat=cfg.remat,
-            rngs=nnx.Rngs(params=0),
-        )
-    )
-
-
-def build(cfg):
-    return _build(cfg.to_json(), "both")
-
-
-def image_tower(**overrides):
-    return _build(make_cfg(**overrides).to_json(), "image")
-
-
-def text_tower(**overrides):
-    return _build(make_cfg(**overrides).to_json(), "text")
-
-
-def images(n=2, size=16, seed=1):
-    return jax.random.normal(jax.random.key(seed), (n, size, size, 3), jnp.float32)
-
-
-def tokens_with_eos(lengths, total_len, seed=2):
-    """Rows of random ids in [1, EOS) of the given lengths, then EOS, then PAD up to total_len."""
-    rng = np.random.default_rng(seed)
-    out = np.full((len(lengths), total_len), PAD, np.int32)
-    for row, n in enumerate(lengths):
-        out[row, :n] = rng.integers(1, EOS, n)
-        out[row, n] = EOS
-    return jnp.asarray(out)
-
-
-def assert_unit_rows(x, d):
-    assert x.shape[-1] == d and x.dtype == jnp.float32
-    assert np.all(np.isfinite(x))
-    np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, atol=1e-5)
-
-
-# Every pool and every posemb; the cls token with both posembs (learned ones cover it, fixed ones do not).
 @pytest.mark.parametrize(
     "pool,posemb", [("cls", "learn"), ("cls", "sincos2d"), ("gap", "learn"), ("map", "sincos2d")]
 )
@@ -314,25 +203,6 @@ def test_every_param_has_logical_axes():
         assert m.log_t.get_metadata()["out_sharding"] == ()
 
 
-def test_scanned_encoder_matches_a_loop_over_layers():
-    enc = layers.Encoder(32, 2, 128, 2, dtype=jnp.float32, remat=False, rngs=layers.KeyStream(jax.random.key(0)))
-    graphdef, stacked = nnx.split(enc.blocks)
-    kernels = stacked["mlp"]["fc1"]["kernel"][...]
-    assert kernels.shape == (2, 32, 128) and np.abs(kernels[0] - kernels[1]).min() > 0  # distinct inits
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 32)), jnp.float32)
-    mask = jnp.tril(jnp.ones((12, 12), bool))[None, None]
-
-    @jax.jit
-    def both(stacked, x):
-        ref = x
-        for i in range(2):
-            ref = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(ref, mask)
-        return enc(x, mask), enc.ln_final(ref)
-
-    out, ref = both(stacked, x)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
 def test_causal_mask():
     model = text_tower(**{"text.causal": True})
     toks = tokens_with_eos([10, 8], 12)
@@ -391,49 +261,6 @@ def test_padding_is_what_follows_the_end_token():
     np.testing.assert_array_equal(valid[1], [1] * 7)
 
 
-def test_attention_matches_numpy_reference():
-    # Same shapes as the text tower's attention above, so eager mode reuses its compiled ops.
-    attn = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(params=3))
-    for name in ("query_bias", "key_bias", "value_bias", "out_bias"):  # non-zero biases exercise them too
-        var = getattr(attn, name)
-        var[...] = np.random.default_rng(len(name)).normal(size=var.shape).astype(np.float32)
-    rng = np.random.default_rng(0)
-    xq, xkv = rng.normal(size=(2, 12, 32)).astype(np.float32), rng.normal(size=(2, 12, 32)).astype(np.float32)
-    mask = np.ones((2, 1, 12, 12), bool)
-    mask[1, :, :, 7:] = False
-    p = {k: np.asarray(v[...]) for k, v in vars(attn).items() if isinstance(v, nnx.Param)}
-    ref = np.zeros((2, 12, 32))
-    for b in range(2):
-        for h in range(2):
-            q = xq[b] @ p["query_kernel"][:, h] + p["query_bias"][h]
-            k = xkv[b] @ p["key_kernel"][:, h] + p["key_bias"][h]
-            v = xkv[b] @ p["value_kernel"][:, h] + p["value_bias"][h]
-            s = q @ k.T / np.sqrt(16) + np.where(mask[b, 0], 0, -1e30)
-            w = np.exp(s - s.max(-1, keepdims=True))
-            ref[b] += (w / w.sum(-1, keepdims=True)) @ v @ p["out_kernel"][h]
-    ref += p["out_bias"]
-    np.testing.assert_allclose(attn(xq, xkv, mask), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_patch_embedding_is_a_strided_conv():
-    tower, x = image_tower().module, images()
-    w = tower.patch_embed.kernel[...].reshape(4, 4, 3, -1)  # (row, col, channel) flattening = HWIO kernel
-    conv = jax.lax.conv_general_dilated(x, w, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    conv = conv + tower.patch_embed.bias[...]
-    np.testing.assert_allclose(tower.patch_embed(tower._patchify(x)), conv.reshape(2, 16, -1), atol=1e-5)
-
-
-def test_sincos_posemb():
-    pe = layers.posemb_sincos_2d(3, 5, 16)
-    assert pe.shape == (15, 16)
-    np.testing.assert_allclose(pe[0], [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)  # position (0, 0)
-    # Row y=1, column x=2 -> flat index 7; its first channel is sin(x * 1) and its ninth sin(y * 1).
-    assert pe[7, 0] == pytest.approx(np.sin(2.0)) and pe[7, 8] == pytest.approx(np.sin(1.0))
-    assert len({tuple(np.round(r, 5)) for r in pe}) == 15  # every position distinct
-    with pytest.raises(ValueError, match="divisible by 4"):
-        layers.posemb_sincos_2d(2, 2, 6)
-
-
 def test_bfloat16_compute():
     cfg = make_cfg()
     ims, toks = images(), tokens_with_eos([4, 5], 12)
@@ -465,20 +292,6 @@ def test_functional_split_merge_grads():
     np.testing.assert_allclose(grads["log_t"][...], value, rtol=1e-5)  # d/dlog_t = loss - bias, bias = 0
     for tower in ("image", "text"):
         assert np.abs(grads[tower]["encoder"]["blocks"]["attn"]["query_kernel"][...]).max() > 0
-
-
-def test_remat_changes_memory_not_values():
-    toks = tokens_with_eos([3, 5], 12)
-    results = []
-    for remat in (False, True):
-        graphdef, params = nnx.split(text_tower(remat=remat).module, nnx.Param)
-        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p).features(toks)))  # noqa: E731
-        assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat
-        results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (v0, g0), (v1, g1) = results
-    np.testing.assert_allclose(v0, v1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_weight_decay_mask():

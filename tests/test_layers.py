@@ -1,0 +1,91 @@
+"""Transformer layers: attention and patch embedding against independent references, the layer scan, sin-cos
+position embeddings, remat."""
+
+import flax
+
+flax.config.update("flax_always_shard_variable", False)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from clip_jax.models import layers  # noqa: E402
+from model_utils import image_tower, images, text_tower, tokens_with_eos  # noqa: E402
+
+
+def test_scanned_encoder_matches_a_loop_over_layers():
+    enc = layers.Encoder(32, 2, 128, 2, dtype=jnp.float32, remat=False, rngs=layers.KeyStream(jax.random.key(0)))
+    graphdef, stacked = nnx.split(enc.blocks)
+    kernels = stacked["mlp"]["fc1"]["kernel"][...]
+    assert kernels.shape == (2, 32, 128) and np.abs(kernels[0] - kernels[1]).min() > 0  # distinct inits
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 32)), jnp.float32)
+    mask = jnp.tril(jnp.ones((12, 12), bool))[None, None]
+
+    @jax.jit
+    def both(stacked, x):
+        ref = x
+        for i in range(2):
+            ref = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(ref, mask)
+        return enc(x, mask), enc.ln_final(ref)
+
+    out, ref = both(stacked, x)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_attention_matches_numpy_reference():
+    # Same shapes as the text tower's attention above, so eager mode reuses its compiled ops.
+    attn = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(params=3))
+    for name in ("query_bias", "key_bias", "value_bias", "out_bias"):  # non-zero biases exercise them too
+        var = getattr(attn, name)
+        var[...] = np.random.default_rng(len(name)).normal(size=var.shape).astype(np.float32)
+    rng = np.random.default_rng(0)
+    xq, xkv = rng.normal(size=(2, 12, 32)).astype(np.float32), rng.normal(size=(2, 12, 32)).astype(np.float32)
+    mask = np.ones((2, 1, 12, 12), bool)
+    mask[1, :, :, 7:] = False
+    p = {k: np.asarray(v[...]) for k, v in vars(attn).items() if isinstance(v, nnx.Param)}
+    ref = np.zeros((2, 12, 32))
+    for b in range(2):
+        for h in range(2):
+            q = xq[b] @ p["query_kernel"][:, h] + p["query_bias"][h]
+            k = xkv[b] @ p["key_kernel"][:, h] + p["key_bias"][h]
+            v = xkv[b] @ p["value_kernel"][:, h] + p["value_bias"][h]
+            s = q @ k.T / np.sqrt(16) + np.where(mask[b, 0], 0, -1e30)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            ref[b] += (w / w.sum(-1, keepdims=True)) @ v @ p["out_kernel"][h]
+    ref += p["out_bias"]
+    np.testing.assert_allclose(attn(xq, xkv, mask), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_embedding_is_a_strided_conv():
+    tower, x = image_tower().module, images()
+    w = tower.patch_embed.kernel[...].reshape(4, 4, 3, -1)  # (row, col, channel) flattening = HWIO kernel
+    conv = jax.lax.conv_general_dilated(x, w, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = conv + tower.patch_embed.bias[...]
+    np.testing.assert_allclose(tower.patch_embed(tower._patchify(x)), conv.reshape(2, 16, -1), atol=1e-5)
+
+
+def test_sincos_posemb():
+    pe = layers.posemb_sincos_2d(3, 5, 16)
+    assert pe.shape == (15, 16)
+    np.testing.assert_allclose(pe[0], [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)  # position (0, 0)
+    # Row y=1, column x=2 -> flat index 7; its first channel is sin(x * 1) and its ninth sin(y * 1).
+    assert pe[7, 0] == pytest.approx(np.sin(2.0)) and pe[7, 8] == pytest.approx(np.sin(1.0))
+    assert len({tuple(np.round(r, 5)) for r in pe}) == 15  # every position distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        layers.posemb_sincos_2d(2, 2, 6)
+
+
+def test_remat_changes_memory_not_values():
+    toks = tokens_with_eos([3, 5], 12)
+    results = []
+    for remat in (False, True):
+        graphdef, params = nnx.split(text_tower(remat=remat).module, nnx.Param)
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p).features(toks)))  # noqa: E731
+        assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    (v0, g0), (v1, g1) = results
+    np.testing.assert_allclose(v0, v1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
