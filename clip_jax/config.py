@@ -22,6 +22,7 @@ TEXT_POOLS = ("eos", "last", "first", "mean")
 POSEMBS = ("learn", "sincos2d")
 SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
 NAN_POLICIES = ("stop", "skip")
+MODEL_FAMILIES = ("two_tower", "coca")  # model.family (the table is train.MODELS)
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,7 @@ def base() -> ml_collections.ConfigDict:
     c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored CLIP merges; sentencepiece needs a .model
 
     c.model = ml_collections.ConfigDict()
+    c.model.family = "two_tower"  # one of MODEL_FAMILIES: two_tower (CLIP/SigLIP/LiT) | coca
     c.model.embed_dim = 512  # joint embedding dim
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
@@ -110,6 +112,8 @@ def base() -> ml_collections.ConfigDict:
     c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
     c.loss.impl = "ring"  # ring (memory-flat) | allgather (n x B logits per device; the baseline)
     c.loss.tile = -1  # rows per tile inside a device (-1 = the loss's default)
+    c.loss.contrastive_weight = 1.0  # weight of the contrastive term
+    c.loss.caption_weight = 2.0  # weight of the captioning cross-entropy (models that caption: coca)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4  # peak learning rate
@@ -192,6 +196,7 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
 def validate(cfg, num_devices: int) -> None:
     """Reject a config before anything is compiled. Raises ConfigError with a one-line message."""
     check_keys(cfg)
+    _choice(cfg, "model.family", MODEL_FAMILIES)
     _choice(cfg, "loss.kind", LOSS_KINDS)
     _choice(cfg, "loss.impl", LOSS_IMPLS)
     _choice(cfg, "tokenizer.kind", TOKENIZERS)
@@ -241,6 +246,7 @@ _POSITIVE = (
 )  # fmt: skip
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
+    "loss.contrastive_weight", "loss.caption_weight",
     "data.num_workers", "data.prefetch", "model.text.eos_id", "model.text.pad_id",
 )  # fmt: skip
 

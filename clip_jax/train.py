@@ -43,7 +43,9 @@ USER_ERRORS = (
 
 
 def build_model(cfg, seed: int):
-    return MODELS["two_tower"](cfg.model, rngs=nnx.Rngs(params=seed))
+    if cfg.model.family not in MODELS:
+        raise config_lib.ConfigError(f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}")
+    return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
 
 
 def _init_fn(cfg, opt, rng):
@@ -75,22 +77,33 @@ def init_state(cfg, mesh, opt):
     return graphdef, init(jax.random.PRNGKey(cfg.seed)), shardings
 
 
-def loss_fn(params, batch, *, graphdef, cfg, mesh):
-    model = nnx.merge(graphdef, params)
-    img, txt, log_t, bias = model(batch["image"], batch["tokens"])
+def total_loss(out, cfg, mesh):
+    """The model's outputs (see TwoTower.__call__) -> (loss, aux): weighted contrastive loss over the whole global
+    batch (the sharded ring loss), plus the captioning cross-entropy per scored token for families that caption."""
     tile = None if cfg.loss.tile <= 0 else cfg.loss.tile
-    loss = losses.contrastive_loss(
-        img,
-        txt,
-        log_t,
-        bias,
+    contrastive = losses.contrastive_loss(
+        out["img"],
+        out["txt"],
+        out["log_t"],
+        out["bias"],
         kind=cfg.loss.kind,
         mesh=mesh,
         batch_axes=sharding.BATCH_AXES,
         tile=tile,
         impl=cfg.loss.impl,
     )
-    return loss, {"temperature": jnp.exp(log_t), "bias": bias}
+    loss = cfg.loss.contrastive_weight * contrastive
+    aux = {"temperature": jnp.exp(out["log_t"]), "bias": out["bias"], "contrastive_loss": contrastive}
+    if "caption_nll" in out:
+        caption = out["caption_nll"] / jnp.maximum(out["caption_tokens"], 1)
+        loss = loss + cfg.loss.caption_weight * caption
+        aux["caption_loss"] = caption
+    return loss, aux
+
+
+def loss_fn(params, batch, *, graphdef, cfg, mesh):
+    model = nnx.merge(graphdef, params)
+    return total_loss(model(batch["image"], batch["tokens"]), cfg, mesh)
 
 
 def train_step(state, batch, *, graphdef, opt, cfg, mesh):

@@ -49,7 +49,9 @@ def test_text_pools(pool, causal):
 def test_call_returns_embeddings_and_scalars():
     cfg = make_cfg(log_t_init=2.3, bias_init=-10.0)
     model = build(cfg)
-    img, txt, log_t, bias = model(images(), tokens_with_eos([4, 5], 12))
+    out = model(images(), tokens_with_eos([4, 5], 12))
+    assert set(out) == {"img", "txt", "log_t", "bias"}  # the trainer's model interface
+    img, txt, log_t, bias = out["img"], out["txt"], out["log_t"], out["bias"]
     model = model.module
     assert img.shape == txt.shape == (2, 16)
     assert isinstance(model.log_t, nnx.Param) and isinstance(model.bias, nnx.Param)
@@ -268,7 +270,7 @@ def test_bfloat16_compute():
     cfg.dtype = "bfloat16"
     model = build(cfg)
     out = model(ims, toks)
-    for r, o in zip(ref[:2], out[:2]):
+    for r, o in ((ref["img"], out["img"]), (ref["txt"], out["txt"])):
         assert o.dtype == jnp.float32
         assert_unit_rows(o, 16)
         cos = np.sum(np.asarray(r) * np.asarray(o), axis=-1)
@@ -283,8 +285,8 @@ def test_functional_split_merge_grads():
     graphdef, params = nnx.split(build(make_cfg()).module, nnx.Param)
 
     def loss(params):
-        img, txt, log_t, bias = nnx.merge(graphdef, params)(ims, toks)
-        return jnp.sum(img * txt) * jnp.exp(log_t) + bias
+        out = nnx.merge(graphdef, params)(ims, toks)
+        return jnp.sum(out["img"] * out["txt"]) * jnp.exp(out["log_t"]) + out["bias"]
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))

@@ -34,8 +34,15 @@ class TwoTower(nnx.Module):
         return layers.l2_normalize(self.text(tokens))
 
     def __call__(self, images, tokens):
-        """Returns (img [B,d], txt [B,d], log_t (), bias ()); the loss uses t = exp(log_t)."""
-        return self.encode_image(images), self.encode_text(tokens), self.log_t[...], self.bias[...]
+        """The trainer's model interface (every family returns these keys): img [B,d], txt [B,d] (unit norm),
+        log_t (), bias () (the loss uses t = exp(log_t)). Families with a generative head add 'caption_nll' (sum of
+        token NLLs over the batch) and 'caption_tokens' (how many tokens were scored)."""
+        return {
+            "img": self.encode_image(images),
+            "txt": self.encode_text(tokens),
+            "log_t": self.log_t[...],
+            "bias": self.bias[...],
+        }
 
 
 def abstract(cfg):
