@@ -22,6 +22,7 @@ TEXT_POOLS = ("eos", "last", "first", "mean")
 POSEMBS = ("learn", "sincos2d")
 SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
 NAN_POLICIES = ("stop", "skip")
+REMAT_POLICIES = ("none", "dots", "full")  # model.remat (clip_jax/models/layers.py implements them)
 MODEL_FAMILIES = ("two_tower", "coca")  # model.family (the table is train.MODELS)
 
 
@@ -36,6 +37,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.batch_size = 32768  # global batch (all devices, all hosts); must divide by the batch-axis device count
     c.total_steps = 100_000  # optimizer steps
+    c.accum_steps = 1  # micro-batches per step (GradCache: the loss still sees the whole batch's negatives)
     c.log_every = 100  # steps between metric writes (metrics leave the device only then)
     c.eval_every = 5000  # steps between zero-shot evaluations (0 = only at the end)
     c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
@@ -82,7 +84,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
     c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
-    c.model.remat = False  # recompute each transformer block in the backward pass
+    c.model.remat = "none"  # REMAT_POLICIES: none | dots (keep matmul outputs) | full (keep block inputs only)
+    c.model.scan_layers = True  # lax.scan over the stacked blocks (False: unrolled; same parameters)
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/16"  # "<size>/<patch>", size in mu,Ti,S,M,B,L,So400m,H,g,G
     c.model.image.width = -1  # -1 = from the variant
@@ -94,6 +97,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.image.pool = "cls"  # gap | map | cls
     c.model.image.posemb = "learn"  # learn | sincos2d
     c.model.image.proj = True  # linear projection to embed_dim
+    c.model.image.remat = ""  # this tower's remat policy ('' = model.remat)
     c.model.text = ml_collections.ConfigDict()
     c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
     c.model.text.width = -1  # -1 = from the variant
@@ -107,6 +111,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.text.eos_id = 49407  # end-of-text id (pooling position for 'eos')
     c.model.text.pad_id = 0  # padding id
     c.model.text.proj = True  # linear projection to embed_dim
+    c.model.text.remat = ""  # this tower's remat policy ('' = model.remat)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -204,6 +209,9 @@ def validate(cfg, num_devices: int) -> None:
     _choice(cfg, "model.image.pool", IMAGE_POOLS)
     _choice(cfg, "model.text.pool", TEXT_POOLS)
     _choice(cfg, "model.image.posemb", POSEMBS)
+    _choice(cfg, "model.remat", REMAT_POLICIES)
+    _choice(cfg, "model.image.remat", REMAT_POLICIES + ("",))
+    _choice(cfg, "model.text.remat", REMAT_POLICIES + ("",))
     size, _, patch = cfg.model.image.variant.partition("/")
     if size not in SIZES or not patch.isdigit():
         raise ConfigError(
@@ -223,6 +231,12 @@ def validate(cfg, num_devices: int) -> None:
             f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
             f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}"
         )
+    if cfg.batch_size % (num_devices * cfg.accum_steps):
+        per = num_devices * cfg.accum_steps
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} does not split into accum_steps={cfg.accum_steps} micro-batches over "
+            f"{num_devices} devices; use a multiple of {per} (devices x accum_steps), or change accum_steps"
+        )
     if cfg.loss.tile > 0 and (cfg.batch_size // num_devices) % cfg.loss.tile:
         n = cfg.batch_size // num_devices
         raise ConfigError(
@@ -241,7 +255,7 @@ def validate(cfg, num_devices: int) -> None:
 
 # Keys that must be > 0, and keys that must be >= 0 (0 means "off" or "none" for them).
 _POSITIVE = (
-    "batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
+    "batch_size", "total_steps", "accum_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
     "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
 )  # fmt: skip
 _NON_NEGATIVE = (

@@ -19,7 +19,7 @@ from flax import nnx
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import losses, optim, sharding
+from clip_jax import grad_cache, losses, optim, sharding
 from clip_jax.evaluate import zero_shot
 from clip_jax.input import pipeline
 from clip_jax.models import two_tower
@@ -44,7 +44,9 @@ USER_ERRORS = (
 
 def build_model(cfg, seed: int):
     if cfg.model.family not in MODELS:
-        raise config_lib.ConfigError(f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}")
+        raise config_lib.ConfigError(
+            f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}"
+        )
     return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
 
 
@@ -101,14 +103,10 @@ def total_loss(out, cfg, mesh):
     return loss, aux
 
 
-def loss_fn(params, batch, *, graphdef, cfg, mesh):
-    model = nnx.merge(graphdef, params)
-    return total_loss(model(batch["image"], batch["tokens"]), cfg, mesh)
-
-
 def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     """One optimizer step. Pure: (state, batch) -> (new state, metrics). A non-finite loss leaves state unchanged."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, cfg=cfg, mesh=mesh), has_aux=True)
+    # With cfg.accum_steps > 1 the gradient is GradCache's: still the loss of the whole batch (grad_cache.py).
+    grad_fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(total_loss, cfg=cfg, mesh=mesh))
     (loss, aux), grads = grad_fn(state["params"], batch)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

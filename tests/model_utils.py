@@ -26,7 +26,8 @@ def make_cfg(**overrides):
             dtype="float32",
             log_t_init=2.6593,
             bias_init=0.0,
-            remat=False,
+            remat="none",
+            scan_layers=True,
             image=dict(
                 variant="mu/4",
                 width=-1,
@@ -38,6 +39,7 @@ def make_cfg(**overrides):
                 pool="cls",
                 posemb="learn",
                 proj=True,
+                remat="",
             ),
             text=dict(
                 variant="mu",
@@ -52,6 +54,7 @@ def make_cfg(**overrides):
                 eos_id=EOS,
                 pad_id=PAD,
                 proj=True,
+                remat="",
             ),
         )
     )
@@ -95,8 +98,9 @@ def _build(cfg_json, part):
             sub,
             embed_dim=cfg.embed_dim,
             dtype=layers.compute_dtype(cfg.dtype),
-            remat=cfg.remat,
+            remat=two_tower.tower_remat(cfg, part),
             rngs=nnx.Rngs(params=0),
+            scan=cfg.scan_layers,
         )
     )
 

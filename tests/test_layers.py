@@ -77,15 +77,31 @@ def test_sincos_posemb():
         layers.posemb_sincos_2d(2, 2, 6)
 
 
-def test_remat_changes_memory_not_values():
+def test_remat_policies_and_unrolled_layers_change_memory_not_values():
+    """Every remat policy, and the unrolled layer loop, computes the same values and gradients as the plain scan;
+    the jaxpr shows a checkpoint exactly when a policy asks for one, and the unrolled loop has no scan."""
     toks = tokens_with_eos([3, 5], 12)
-    results = []
-    for remat in (False, True):
-        graphdef, params = nnx.split(text_tower(remat=remat).module, nnx.Param)
+    results = {}
+    for name, overrides in {
+        "none": {},
+        "dots": {"remat": "dots"},
+        "full": {"text.remat": "full"},  # the per-tower key overrides model.remat
+        "unrolled": {"scan_layers": False, "text.depth": 3},
+        "scan3": {"text.depth": 3},
+    }.items():
+        graphdef, params = nnx.split(text_tower(**overrides).module, nnx.Param)
         loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p).features(toks)))  # noqa: E731
-        assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat
-        results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (v0, g0), (v1, g1) = results
-    np.testing.assert_allclose(v0, v1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert ("remat" in jaxpr or "checkpoint" in jaxpr) == (name in ("dots", "full")), name
+        assert ("scan" in jaxpr) == (name != "unrolled"), name
+        results[name] = jax.jit(jax.value_and_grad(loss))(params)
+    for a, b in (("none", "dots"), ("none", "full"), ("scan3", "unrolled")):
+        (v0, g0), (v1, g1) = results[a], results[b]
+        np.testing.assert_allclose(v0, v1, rtol=1e-6)
+        for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_remat_policy_is_rejected():
+    with pytest.raises(ValueError, match="remat policy 'some'"):
+        layers.Encoder(8, 1, 16, 2, dtype=jnp.float32, remat="some", rngs=layers.KeyStream(jax.random.key(0)))

@@ -186,16 +186,31 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln2(x))
 
 
+# Remat policy name -> what jax.checkpoint may keep from the forward pass (None: no checkpointing, keep all).
+# 'dots' keeps the outputs of the weight matmuls (no batch dims) and recomputes the cheap elementwise work and
+# the attention scores; 'full' keeps only each block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class Encoder(nnx.Module):
     """`depth` blocks then a final LayerNorm.
 
     The blocks' parameters are stacked on a leading layer axis (logical name None) and applied with lax.scan, so
     XLA compiles one block instead of `depth` copies: a ViT-B/16 CLIP train step compiles several times faster.
-    With `remat`, each block's activations are recomputed in the backward pass instead of being stored.
+    `scan=False` unrolls the same stacked parameters into a Python loop (XLA may then schedule across layers).
+    `remat` is a policy from REMAT_POLICIES (True/False mean 'full'/'none'): what each block keeps for the
+    backward pass; the rest is recomputed.
     """
 
-    def __init__(self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs):
-        self.remat = remat
+    def __init__(self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs, scan=True):
+        self.remat = {True: "full", False: "none"}.get(remat, remat)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
+        self.scan, self.depth = scan, depth
         make = nnx.vmap(
             lambda key: Block(width, mlp_dim, num_heads, dtype=dtype, rngs=KeyStream(key)),
             in_axes=0,
@@ -211,9 +226,13 @@ class Encoder(nnx.Module):
         def step(x, layer):
             return nnx.merge(graphdef, layer)(x, mask), None
 
-        if self.remat:
-            step = jax.checkpoint(step)
-        x, _ = jax.lax.scan(step, x, stacked)
+        if REMAT_POLICIES[self.remat] is not None:
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat])
+        if self.scan:
+            x, _ = jax.lax.scan(step, x, stacked)
+        else:
+            for i in range(self.depth):
+                x, _ = step(x, jax.tree.map(lambda a: a[i], stacked))
         return self.ln_final(x)
 
 

@@ -11,10 +11,10 @@ POOLS = ("eos", "last", "first", "mean")
 class TextTransformer(nnx.Module):
     """Maps int32 tokens [B,L] (L <= max_len) to unnormalised features [B, embed_dim] (float32).
 
-    cfg is the `model.text` ConfigDict; embed_dim, dtype and remat come from `model`.
+    cfg is the `model.text` ConfigDict; embed_dim, dtype, remat and scan come from `model`.
     """
 
-    def __init__(self, cfg, *, embed_dim, dtype, remat, rngs):
+    def __init__(self, cfg, *, embed_dim, dtype, remat, rngs, scan=True):
         dims = layers.tower_dims(cfg, with_patch=False)
         if cfg.pool not in POOLS:
             raise ValueError(f"model.text.pool={cfg.pool!r}; valid: {list(POOLS)}")
@@ -31,7 +31,14 @@ class TextTransformer(nnx.Module):
             rngs, nnx.initializers.normal(0.01), (cfg.max_len, width), ("pos", "embed")
         )
         self.encoder = layers.Encoder(
-            width, dims["depth"], dims["mlp_dim"], dims["num_heads"], dtype=dtype, remat=remat, rngs=rngs
+            width,
+            dims["depth"],
+            dims["mlp_dim"],
+            dims["num_heads"],
+            dtype=dtype,
+            remat=remat,
+            rngs=rngs,
+            scan=scan,
         )
         # With a bias (as big_vision's heads and SigLIP's text head); OpenAI CLIP's bias-free projection imports
         # as a zero bias.

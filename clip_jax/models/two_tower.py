@@ -19,9 +19,9 @@ class TwoTower(nnx.Module):
     def __init__(self, cfg, *, rngs):
         dtype = layers.compute_dtype(cfg.dtype)
         keys = layers.KeyStream(rngs.params())  # one key from rngs; see KeyStream for why
-        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, remat=cfg.remat, rngs=keys)
-        self.image = vit.ViT(cfg.image, **common)
-        self.text = text.TextTransformer(cfg.text, **common)
+        common = dict(embed_dim=cfg.embed_dim, dtype=dtype, rngs=keys, scan=cfg.scan_layers)
+        self.image = vit.ViT(cfg.image, remat=tower_remat(cfg, "image"), **common)
+        self.text = text.TextTransformer(cfg.text, remat=tower_remat(cfg, "text"), **common)
         self.log_t = nnx.Param(jnp.asarray(cfg.log_t_init, jnp.float32), sharding_names=())
         self.bias = nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), sharding_names=())
 
@@ -43,6 +43,11 @@ class TwoTower(nnx.Module):
             "log_t": self.log_t[...],
             "bias": self.bias[...],
         }
+
+
+def tower_remat(cfg, tower: str) -> str:
+    """The remat policy of one tower: model.<tower>.remat, or model.remat when that is ''."""
+    return cfg[tower].remat or cfg.remat
 
 
 def abstract(cfg):

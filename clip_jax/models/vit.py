@@ -12,10 +12,10 @@ POSEMBS = ("learn", "sincos2d")
 class ViT(nnx.Module):
     """Maps float32 images [B,H,W,3] to unnormalised features [B, embed_dim] (float32).
 
-    cfg is the `model.image` ConfigDict; embed_dim, dtype and remat come from `model`.
+    cfg is the `model.image` ConfigDict; embed_dim, dtype, remat and scan come from `model`.
     """
 
-    def __init__(self, cfg, *, embed_dim, dtype, remat, rngs):
+    def __init__(self, cfg, *, embed_dim, dtype, remat, rngs, scan=True):
         dims = layers.tower_dims(cfg, with_patch=True)
         if cfg.pool not in POOLS:
             raise ValueError(f"model.image.pool={cfg.pool!r}; valid: {list(POOLS)}")
@@ -46,7 +46,14 @@ class ViT(nnx.Module):
             layers.param(rngs, normal, (n_pos, width), ("pos", "embed")) if cfg.posemb == "learn" else None
         )
         self.encoder = layers.Encoder(
-            width, dims["depth"], dims["mlp_dim"], dims["num_heads"], dtype=dtype, remat=remat, rngs=rngs
+            width,
+            dims["depth"],
+            dims["mlp_dim"],
+            dims["num_heads"],
+            dtype=dtype,
+            remat=remat,
+            rngs=rngs,
+            scan=scan,
         )
         self.map_head = (
             layers.MAPHead(width, dims["mlp_dim"], dims["num_heads"], dtype=dtype, rngs=rngs)
