@@ -26,7 +26,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tiny_cpu.py", "Config file (path[:arg]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host run: call jax.distributed.initialize() (auto-detected on TPU pods and SLURM).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (where not auto-detected)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (where not auto-detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (where not auto-detected).")
 MODES = ("train", "eval")
 
 
@@ -61,11 +70,15 @@ def main(argv):
         raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
-    if _DISTRIBUTED.value:
-        import jax
-
-        jax.distributed.initialize()
     import jax
+
+    if _DISTRIBUTED.value:
+        # With no arguments JAX detects TPU pods, SLURM and Open MPI; the flags cover a plain cluster or localhost.
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
 
     from clip_jax import train
     from clip_jax.checkpoint import CheckpointWriteError

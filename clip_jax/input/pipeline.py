@@ -99,7 +99,8 @@ class _Preprocess(grain.transforms.MapWithIndex):
             raise ValueError(f"data.train_crop={d.train_crop!r}; choose one of {ops.TRAIN_CROPS}")
         self.image_key, self.text_key, self.min_side = d.image_key, d.text_key, d.min_image_size
         self.crop, self.min_area, self.flip = d.train_crop, d.crop_min_area, d.flip
-        self.seed, self.host, self.size = cfg.seed, jax.process_index(), cfg.model.image.image_size
+        self.seed, self.size = cfg.seed, cfg.model.image.image_size
+        self.host, self.hosts = jax.process_index(), jax.process_count()
         self.random_view = d.train_crop != "resize" or d.flip
         self.tok = tokenizer_lib.make(cfg)
 
@@ -108,7 +109,10 @@ class _Preprocess(grain.transforms.MapWithIndex):
             return {"_issues": decode.BIT["unreadable_record"]}
         value = field(record, self.text_key)
         several = isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0)
-        rng = np.random.default_rng((self.seed, self.host, index)) if self.random_view or several else None
+        # Keyed by the example's global position (this host reads positions host, host + hosts, ...), so the
+        # augmentation of an example does not depend on how many hosts share the run.
+        position = index * self.hosts + self.host
+        rng = np.random.default_rng((self.seed, position)) if self.random_view or several else None
         text, bits = decode.caption(value, self.tok.max_len, rng)
         if text is None:  # checked first: a caption costs microseconds, an image decode milliseconds
             return {"_issues": bits}
