@@ -10,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from clip_jax import config as config_lib
+from clip_jax import optim
 
 
 class CheckpointMismatch(RuntimeError):
@@ -23,6 +24,8 @@ class CheckpointWriteError(RuntimeError):
 class Checkpointer:
     def __init__(self, workdir: str, cfg):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # Frozen parameters (optim.freeze) never change: written once here, not into every step's checkpoint.
+        self.frozen_directory = os.path.join(os.path.abspath(workdir), "frozen_params")
         self._attempted = []  # steps whose save was started: a failure is named by the first one not on disk
         # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save (even kill -9)
         # leaves the previous checkpoint as the latest valid one; leftover temporary folders are removed here.
@@ -40,8 +43,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state, cfg, *, force: bool = False) -> bool:
+        trainable, frozen = optim.split(state["params"], optim.frozen_paths(cfg, state["params"]))
+        if frozen and not os.path.isdir(self.frozen_directory):
+            with self._write_errors():
+                writer = ocp.StandardCheckpointer()
+                writer.save(self.frozen_directory, frozen)
+                writer.wait_until_finished()
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave({**state, "params": trainable}),
             data=ocp.args.JsonSave(_jsonable(data_state)),
             config=ocp.args.JsonSave(cfg.to_dict()),
         )
@@ -59,10 +68,18 @@ class Checkpointer:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )
+        target_trainable, target_frozen = optim.split(target["params"], optim.frozen_paths(cfg, target["params"]))
         out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({**target, "params": target_trainable}), data=ocp.args.JsonRestore()
+            ),
         )
-        return step, out["state"], out["data"]
+        state = out["state"]
+        if target_frozen:
+            frozen = ocp.StandardCheckpointer().restore(self.frozen_directory, target_frozen)
+            state = {**state, "params": optim.merge(state["params"], frozen)}
+        return step, state, out["data"]
 
     def wait(self):
         with self._write_errors():

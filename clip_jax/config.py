@@ -129,6 +129,12 @@ def base() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6  # AdamW epsilon
     c.optim.weight_decay = 0.2  # decoupled; kernels and embedding tables only (see optim.py)
     c.optim.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    c.optim.freeze = ""  # regex over parameter paths to lock, e.g. '^image/' (LiT); '' = train everything
+
+    # Start from another run's parameters (LiT: a pretrained image tower). Used only when the workdir is new.
+    c.init = ml_collections.ConfigDict()
+    c.init.workdir = ""  # workdir (or its checkpoints/ dir) to copy parameters from ('' = random init)
+    c.init.params = ""  # regex over parameter paths to copy, e.g. '^image/' ('' = all of them)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.dataset = "clip_shapes"  # tfds classification set for zero-shot ('' = none)
@@ -306,7 +312,12 @@ def model_fingerprint(cfg) -> dict:
     """The keys that fix the train state (model shapes, and what token ids mean): a checkpoint must agree on all of
     them to be resumed."""
     flat = _flatten(cfg)
-    return {k: v for k, v in flat.items() if k.startswith("model.") or k.startswith("tokenizer.")}
+    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too.
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.startswith("model.") or k.startswith("tokenizer.") or k == "optim.freeze"
+    }
 
 
 def check_override_keys(argv) -> None:

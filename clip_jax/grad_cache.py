@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import sharding
+from clip_jax import optim, sharding
 
 # Model outputs that carry gradient back into the towers (see TwoTower.__call__ for the interface).
 _DIFFERENTIABLE = ("img", "txt", "log_t", "bias", "caption_nll")
@@ -44,10 +44,11 @@ def _merge(x, k: int, n_dev: int):
     return jnp.swapaxes(x, 0, 1).reshape(k * n_dev * m, *x.shape[3:])
 
 
-def value_and_grad(params, batch, *, graphdef, cfg, mesh, total_loss):
+def value_and_grad(params, frozen, batch, *, graphdef, cfg, mesh, total_loss):
     """((loss, aux), grads) of `total_loss(model(batch))` over the whole batch, with cfg.accum_steps micro-batches.
 
-    Equal (up to float summation order) to jax.value_and_grad of the single full-batch loss.
+    Gradients are w.r.t. `params` (the trainable dict); `frozen` (optim.split) is used as a constant. Equal (up to
+    float summation order) to jax.value_and_grad of the single full-batch loss.
     """
     k = cfg.accum_steps
     n_dev = mesh.devices.size
@@ -56,7 +57,7 @@ def value_and_grad(params, batch, *, graphdef, cfg, mesh, total_loss):
     micro = {name: jax.lax.with_sharding_constraint(_split(x, k, n_dev), micro_sh) for name, x in batch.items()}
 
     def forward(p, mb):
-        out = nnx.merge(graphdef, p)(mb["image"], mb["tokens"])
+        out = nnx.merge(graphdef, optim.merge(p, frozen))(mb["image"], mb["tokens"])
         return {name: v for name, v in out.items() if name in _DIFFERENTIABLE}, out.get("caption_tokens")
 
     # 1. Embeddings of every micro-batch; nothing is differentiated here, so no activation outlives its step.
@@ -102,8 +103,9 @@ def value_and_grad(params, batch, *, graphdef, cfg, mesh, total_loss):
 
 
 def make(cfg, mesh, graphdef, total_loss):
-    """A value_and_grad(params, batch) for the train step: plain autodiff when accum_steps == 1."""
+    """A value_and_grad(trainable, frozen, batch) for the train step (gradients w.r.t. trainable only): plain
+    autodiff when accum_steps == 1."""
     if cfg.accum_steps == 1:
-        loss_fn = lambda p, b: total_loss(nnx.merge(graphdef, p)(b["image"], b["tokens"]))
+        loss_fn = lambda p, f, b: total_loss(nnx.merge(graphdef, optim.merge(p, f))(b["image"], b["tokens"]))
         return jax.value_and_grad(loss_fn, has_aux=True)
     return functools.partial(value_and_grad, graphdef=graphdef, cfg=cfg, mesh=mesh, total_loss=total_loss)

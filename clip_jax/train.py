@@ -19,7 +19,7 @@ from flax import nnx
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import grad_cache, losses, optim, sharding
+from clip_jax import grad_cache, losses, optim, sharding, warm_start
 from clip_jax.evaluate import zero_shot
 from clip_jax.input import pipeline
 from clip_jax.models import two_tower
@@ -54,7 +54,8 @@ def _init_fn(cfg, opt, rng):
     init_rng, train_rng = jax.random.split(rng)
     _, state = nnx.split(build_model(cfg, init_rng))
     params = nnx.to_pure_dict(state)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params), "rng": train_rng}
+    trainable, _ = optim.split(params, optim.frozen_paths(cfg, params))  # frozen parameters get no moments
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(trainable), "rng": train_rng}
 
 
 def state_shardings(cfg, mesh, opt):
@@ -65,8 +66,9 @@ def state_shardings(cfg, mesh, opt):
     p_shard = sharding.param_shardings(abstract["params"], sharding.logical_specs(abstract_vars), cfg, mesh)
     rep = sharding.replicated(mesh)
     # Optimizer moments follow their parameter; counters and other non-parameter leaves are replicated.
+    trainable_shard, _ = optim.split(p_shard, optim.frozen_paths(cfg, abstract["params"]))
     o_shard = optax.tree_map_params(
-        opt, lambda _, s: s, abstract["opt_state"], p_shard, transform_non_params=lambda _: rep
+        opt, lambda _, s: s, abstract["opt_state"], trainable_shard, transform_non_params=lambda _: rep
     )
     shardings = {"step": rep, "params": p_shard, "opt_state": o_shard, "rng": rep}
     return graphdef, abstract, shardings
@@ -105,11 +107,13 @@ def total_loss(out, cfg, mesh):
 
 def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     """One optimizer step. Pure: (state, batch) -> (new state, metrics). A non-finite loss leaves state unchanged."""
+    # Frozen parameters (optim.freeze) ride along as constants: no gradient is computed for them.
+    trainable, frozen = optim.split(state["params"], optim.frozen_paths(cfg, state["params"]))
     # With cfg.accum_steps > 1 the gradient is GradCache's: still the loss of the whole batch (grad_cache.py).
     grad_fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(total_loss, cfg=cfg, mesh=mesh))
-    (loss, aux), grads = grad_fn(state["params"], batch)
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    (loss, aux), grads = grad_fn(trainable, frozen, batch)
+    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+    params = optim.merge(optax.apply_updates(trainable, updates), frozen)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Keep the last good state on NaN/Inf so the loop can stop without losing (or checkpointing) a poisoned state.
@@ -189,6 +193,12 @@ def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
     if restored is None:
         _, state, _ = init_state(cfg, mesh, opt)
         logging.info("initialised a new model")
+        if cfg.init.workdir:
+            params, n = warm_start.copy_params(cfg, state["params"], shardings["params"], mesh)
+            state = {**state, "params": params}
+            logging.info(
+                "copied %d parameter arrays from %s (init.params=%r)", n, cfg.init.workdir, cfg.init.params
+            )
     else:
         step, state, data_state = restored
         data_it.set_state(checkpoint_lib.from_jsonable(data_state))

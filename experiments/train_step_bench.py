@@ -3,6 +3,10 @@
     python experiments/train_step_bench.py --config configs/clip_b16.py --batch-per-device 256 --dtype bfloat16
     python experiments/train_step_bench.py --config configs/tiny_cpu.py --batch-per-device 128 --dtype float32
 
+On CPU, run it without XLA_FLAGS (one device using every core, against a matmul on the same device) for MFU;
+simulated devices share the same cores and add collective overhead that is not the model's.
+Remat's recompute and GradCache's extra forward are not counted as model flops, so they lower MFU, as they should.
+
 Model flops are counted from the config (XLA's cost analysis counts a scanned layer stack's body once, so it is
 useless here): per example and tower, 2 flops per weight per token for every matmul weight, plus the attention
 products (2 * 2 * tokens^2 * width per layer), times 3 for forward + backward; plus the loss's 8 B^2 d / D.
@@ -118,7 +122,8 @@ def main():
     p.add_argument("--config", default="configs/tiny_cpu.py")
     p.add_argument("--batch-per-device", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="off,on")
+    p.add_argument("--remat", default="none,full", help="remat policies to compare: none, dots, full")
+    p.add_argument("--accum", type=int, default=1, help="accum_steps (GradCache micro-batches per step)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--matmul-n", type=int, default=0, help="0 = 8192 on GPU, 2048 on CPU")
     p.add_argument("--json", default="")
@@ -138,7 +143,7 @@ def main():
     for remat in args.remat.split(","):
         cfg = load_config(args.config)
         cfg.batch_size = args.batch_per_device * jax.device_count()
-        cfg.model.dtype, cfg.model.remat = args.dtype, remat == "on"
+        cfg.model.dtype, cfg.model.remat, cfg.accum_steps = args.dtype, remat, args.accum
         r = bench(cfg, args.steps)
         model_flops = r["flops_per_step"]
         achieved = model_flops / r["step_s"]

@@ -17,7 +17,7 @@ def _grads(cfg, batch, accum_steps):
     mesh, opt = sharding.make_mesh(cfg), optim.make(cfg)
     graphdef, state, _ = train.init_state(cfg, mesh, opt)
     fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(train.total_loss, cfg=cfg, mesh=mesh))
-    (loss, aux), grads = jax.jit(fn)(state["params"], sharding.put_batch(batch, mesh))
+    (loss, aux), grads = jax.jit(fn)(state["params"], {}, sharding.put_batch(batch, mesh))
     return float(loss), jax.device_get(grads), state, mesh, graphdef
 
 
