@@ -313,11 +313,7 @@ def model_fingerprint(cfg) -> dict:
     them to be resumed."""
     flat = _flatten(cfg)
     # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too.
-    return {
-        k: v
-        for k, v in flat.items()
-        if k.startswith("model.") or k.startswith("tokenizer.") or k == "optim.freeze"
-    }
+    return {k: v for k, v in flat.items() if k.startswith(("model.", "tokenizer.")) or k == "optim.freeze"}
 
 
 def check_override_keys(argv) -> None:
