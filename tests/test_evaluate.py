@@ -268,9 +268,6 @@ def test_train_then_cli_eval_writes_json_and_summaries(data_dir, tmp_path):
     for key, value in result["eval"].items():
         assert record["metrics"][key] == pytest.approx(value, abs=1e-9), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "eval")))
-    # A step that does not exist is one line.
-    bad = subprocess.run(
-        cmd[:4] + [f"--checkpoint={workdir}/checkpoints/5", *overrides], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "no checkpoint at step 5" in bad.stderr, bad.stderr[-2000:]
+    # A step that does not exist is a one-line user error, naming the steps there are.
+    with pytest.raises(train.TrainingError, match=r"no checkpoint at step 5 .* it has \[3, 6\]"):
+        evaluate.evaluate_checkpoint(cfg, "", checkpoint=f"{workdir}/checkpoints/5")
