@@ -139,6 +139,12 @@ def base() -> ml_collections.ConfigDict:
     c.eval.retrieval_text_key = "captions"  # caption(s) feature; 'a/b' nested (coco_captions: captions/text)
     c.eval.retrieval_max_examples = -1  # cap on retrieval images (-1 = the whole split)
     c.eval.retrieval_tile = 1024  # texts scored at once per device (live scores: images per device x tile, fp32)
+    c.eval.probe_dataset = ""  # tfds classification set for a linear probe on frozen image embeddings ('' = off)
+    c.eval.probe_train_split = "train"  # split the probe is fitted on
+    c.eval.probe_test_split = "test"  # split it is scored on
+    c.eval.probe_label_key = "label"  # label feature of the probe set
+    c.eval.probe_max_examples = 10_000  # cap on images per probe split (-1 = whole split)
+    c.eval.probe_c = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
 
     # Fault injection for the reliability tests; leave at the defaults in real runs.
     c.debug = ml_collections.ConfigDict()
@@ -238,7 +244,9 @@ def validate(cfg, num_devices: int) -> None:
         )
     if not cfg.data.name:
         raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
-    if (cfg.eval.dataset or cfg.eval.retrieval_dataset) and cfg.eval.batch_size % num_devices:
+    if (
+        cfg.eval.dataset or cfg.eval.retrieval_dataset or cfg.eval.probe_dataset
+    ) and cfg.eval.batch_size % num_devices:
         raise ConfigError(
             f"eval.batch_size={cfg.eval.batch_size} does not divide over the {num_devices} devices; "
             f"use a multiple of {num_devices}"
@@ -250,7 +258,7 @@ def validate(cfg, num_devices: int) -> None:
 _POSITIVE = (
     "batch_size", "total_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
     "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
-    "eval.retrieval_tile",
+    "eval.retrieval_tile", "eval.probe_c",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",

@@ -70,6 +70,12 @@ def report(result: dict, cfg) -> str:
             lines.append(
                 f"    {name} R@1 {rt[way + '_r1']:.1f}%  R@5 {rt[way + '_r5']:.1f}%  R@10 {rt[way + '_r10']:.1f}%"
             )
+    pr = result.get("probe")
+    if pr:
+        lines.append(
+            f"  linear probe on {cfg.eval.probe_dataset} ({pr['train_examples']} train / {pr['examples']} test "
+            f"images): top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
+        )
     if "json" in result:
         lines.append(f"  written to {result['json']}")
     lines.append("=" * 60)

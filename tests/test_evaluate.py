@@ -271,3 +271,33 @@ def test_train_then_cli_eval_writes_json_and_summaries(data_dir, tmp_path):
     # A step that does not exist is a one-line user error, naming the steps there are.
     with pytest.raises(train.TrainingError, match=r"no checkpoint at step 5 .* it has \[3, 6\]"):
         evaluate.evaluate_checkpoint(cfg, "", checkpoint=f"{workdir}/checkpoints/5")
+
+
+# ----------------------------------------------------------------------------------------------- linear probe
+
+
+def test_linear_probe_equals_scikit_learn_on_the_same_features(data_dir):
+    """The probe's plumbing (both splits encoded over the devices, padding dropped, labels kept in order) gives
+    exactly what scikit-learn gives on features computed here in numpy; colour pixels make it beat chance."""
+    from sklearn.linear_model import LogisticRegression
+
+    cfg = config(
+        data_dir,
+        **{"eval.dataset": "", "eval.retrieval_dataset": "", "eval.probe_dataset": "clip_shapes/small",
+           "eval.probe_max_examples": 300, "eval.probe_c": 0.5},
+    )  # fmt: skip
+    encoders, image_np, _ = integer_encoders(cfg)
+    got = evaluate.run(cfg, None, None, sharding.make_mesh(cfg), encoders=encoders)
+    features = {}
+    for split in ("train", "test"):
+        source = pipeline.open_source("clip_shapes/small", split, data_dir)
+        records = [source[i] for i in range(300)]
+        x = image_np(np.stack([pipeline.load_image(r["image"], 32) for r in records]))
+        features[split] = (x, np.array([r["label"] for r in records]))
+    pred = LogisticRegression(C=0.5, max_iter=1000).fit(*features["train"]).predict(features["test"][0])
+    hit = pred == features["test"][1]
+    assert got["probe/examples"] == got["probe/train_examples"] == 300
+    assert got["probe/top1"] == pytest.approx(100 * hit.mean())
+    per_class = [hit[features["test"][1] == c].mean() for c in np.unique(features["test"][1])]
+    assert got["probe/mean_per_class"] == pytest.approx(100 * np.mean(per_class))
+    assert got["probe/top1"] > 2 * 100 / 40

@@ -2,7 +2,7 @@
 on a checkpoint and writes the results as JSON and TensorBoard summaries.
 
 Metric names are flat, '<evaluator>/<metric>': 'zeroshot/top1', 'zeroshot/mean_per_class', 'retrieval/i2t_r1',
-'retrieval/t2i_r5', ... Every process runs every evaluator (they use all devices) and gets the same numbers.
+'retrieval/t2i_r5', 'probe/top1', ... Every process runs every evaluator (they use all devices) and gets the same numbers.
 """
 
 import json
@@ -11,7 +11,7 @@ import os
 
 log = logging.getLogger(__name__)
 # Evaluator name -> the config key that switches it on ('' = off). The order is the order they run in.
-EVALUATORS = {"zeroshot": "dataset", "retrieval": "retrieval_dataset"}
+EVALUATORS = {"zeroshot": "dataset", "retrieval": "retrieval_dataset", "probe": "probe_dataset"}
 
 
 def enabled(cfg) -> list[str]:
@@ -24,9 +24,9 @@ def run(cfg, params, graphdef, mesh, encoders=None) -> dict:
 
     encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
     """
-    from clip_jax.evaluate import retrieval, zero_shot
+    from clip_jax.evaluate import linear_probe, retrieval, zero_shot
 
-    functions = {"zeroshot": zero_shot.evaluate, "retrieval": retrieval.evaluate}
+    functions = {"zeroshot": zero_shot.evaluate, "retrieval": retrieval.evaluate, "probe": linear_probe.evaluate}
     out = {}
     for name in enabled(cfg):
         for key, value in functions[name](cfg, params, graphdef, mesh, encoders=encoders).items():
@@ -65,7 +65,9 @@ def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
     source, step = resolve_checkpoint(checkpoint) if checkpoint else (workdir, None)
     workdir = workdir or source
     if not enabled(cfg):
-        raise train.TrainingError("no evaluator configured: set eval.dataset and/or eval.retrieval_dataset")
+        raise train.TrainingError(
+            "no evaluator configured: set eval.dataset, eval.retrieval_dataset and/or eval.probe_dataset"
+        )
     mesh = sharding.make_mesh(cfg)
     graphdef, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(source, cfg)
@@ -92,6 +94,7 @@ def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
     }
     result["zero_shot"] = section(metrics, "zeroshot")
     result["retrieval"] = section(metrics, "retrieval")
+    result["probe"] = section(metrics, "probe")
     return result
 
 
