@@ -29,7 +29,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
     # CLIP's BPE merge list (tokenizer.kind='clip_bpe') and its MIT notices ship inside the package.
-    package_data={"clip_jax.input": ["bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.LICENSE"]},
+    # Zero-shot class names and prompt templates (JSON) with their sources and licence (NOTICE).
+    package_data={
+        "clip_jax.input": ["bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.LICENSE"],
+        "clip_jax.evaluate": ["data/*.json", "data/NOTICE"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # tokenizers (HF): the independent reference the CLIP BPE tests compare against, token for token.

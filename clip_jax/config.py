@@ -39,7 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.total_steps = 100_000  # optimizer steps
     c.accum_steps = 1  # micro-batches per step (GradCache: the loss still sees the whole batch's negatives)
     c.log_every = 100  # steps between metric writes (metrics leave the device only then)
-    c.eval_every = 5000  # steps between zero-shot evaluations (0 = only at the end)
+    c.eval_every = 5000  # steps between evaluations (zero-shot, retrieval; 0 = only at the end)
     c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
     c.keep_ckpts = 3  # how many recent checkpoints to keep
     c.nan_policy = "stop"  # NaN/Inf loss or grads: stop (name the step and last good ckpt) | skip (count, go on)
@@ -140,9 +140,22 @@ def base() -> ml_collections.ConfigDict:
     c.eval.dataset = "clip_shapes"  # tfds classification set for zero-shot ('' = none)
     c.eval.split = "test"  # its split
     c.eval.label_key = "label"  # its label feature (a ClassLabel: class names come from it)
-    c.eval.templates = "clip_shapes"  # prompt template set (see clip_jax/evaluate/templates.py)
+    c.eval.templates = "clip_shapes"  # prompts: a key of evaluate/data/templates.json or an embedded set
+    c.eval.class_names = ""  # '' = data/class_names.json entry if any, else ClassLabel; 'label'; or a key
     c.eval.batch_size = 512  # images per eval step (padded to the device count)
     c.eval.max_examples = -1  # cap on eval images (-1 = the whole split)
+    c.eval.retrieval_dataset = ""  # tfds set with captions for image<->text retrieval ('' = off)
+    c.eval.retrieval_split = "test"  # its split
+    c.eval.retrieval_image_key = "image"  # its image feature
+    c.eval.retrieval_text_key = "captions"  # caption(s) feature; 'a/b' nested (coco_captions: captions/text)
+    c.eval.retrieval_max_examples = -1  # cap on retrieval images (-1 = the whole split)
+    c.eval.retrieval_tile = 1024  # texts scored at once per device (live scores: images per device x tile, fp32)
+    c.eval.probe_dataset = ""  # tfds classification set for a linear probe on frozen image embeddings ('' = off)
+    c.eval.probe_train_split = "train"  # split the probe is fitted on
+    c.eval.probe_test_split = "test"  # split it is scored on
+    c.eval.probe_label_key = "label"  # label feature of the probe set
+    c.eval.probe_max_examples = 10_000  # cap on images per probe split (-1 = whole split)
+    c.eval.probe_c = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
 
     # Fault injection for the reliability tests; leave at the defaults in real runs.
     c.debug = ml_collections.ConfigDict()
@@ -251,7 +264,9 @@ def validate(cfg, num_devices: int) -> None:
         )
     if not cfg.data.name:
         raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
-    if cfg.eval.dataset and cfg.eval.batch_size % num_devices:
+    if (
+        cfg.eval.dataset or cfg.eval.retrieval_dataset or cfg.eval.probe_dataset
+    ) and cfg.eval.batch_size % num_devices:
         raise ConfigError(
             f"eval.batch_size={cfg.eval.batch_size} does not divide over the {num_devices} devices; "
             f"use a multiple of {num_devices}"
@@ -263,6 +278,7 @@ def validate(cfg, num_devices: int) -> None:
 _POSITIVE = (
     "batch_size", "total_steps", "accum_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
     "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
+    "eval.retrieval_tile", "eval.probe_c",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",

@@ -1,5 +1,8 @@
 """Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`.
 
+`eval` runs the configured evaluators on the latest checkpoint of --workdir (or on --checkpoint) and writes
+DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval.
+
 Only argument handling, multi-host start-up and the printed report live here; the work is in train.py and
 evaluate/.
 """
@@ -26,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tiny_cpu.py", "Config file (path[:arg]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "eval: a checkpoint to evaluate (a workdir, its checkpoints/ or a step folder in it)."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
@@ -56,11 +62,31 @@ def report(result: dict, cfg) -> str:
         )
         lines.append(f"    top-1 {zs['top1']:.1f}%  (chance {zs['chance_top1']:.1f}%)")
         lines.append(f"    top-5 {zs['top5']:.1f}%  (chance {zs['chance_top5']:.1f}%)")
+        if "mean_per_class" in zs:
+            lines.append(f"    mean per-class top-1 {zs['mean_per_class']:.1f}%")
         if "top1_unseen" in zs:
             lines.append(
                 f"    top-1 on classes seen in training {zs['top1_seen']:.1f}% ({zs['examples_seen']} images), "
                 f"never seen {zs['top1_unseen']:.1f}% ({zs['examples_unseen']} images)"
             )
+    rt = result.get("retrieval")
+    if rt:
+        lines.append(
+            f"  retrieval on {cfg.eval.retrieval_dataset}/{cfg.eval.retrieval_split} ({rt['images']} images, "
+            f"{rt['texts']} captions):"
+        )
+        for way, name in (("i2t", "image->text"), ("t2i", "text->image")):
+            lines.append(
+                f"    {name} R@1 {rt[way + '_r1']:.1f}%  R@5 {rt[way + '_r5']:.1f}%  R@10 {rt[way + '_r10']:.1f}%"
+            )
+    pr = result.get("probe")
+    if pr:
+        lines.append(
+            f"  linear probe on {cfg.eval.probe_dataset} ({pr['train_examples']} train / {pr['examples']} test "
+            f"images): top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
+        )
+    if "json" in result:
+        lines.append(f"  written to {result['json']}")
     lines.append("=" * 60)
     return "\n".join(lines)
 
@@ -68,8 +94,10 @@ def report(result: dict, cfg) -> str:
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and not (argv[1] == "eval" and _CHECKPOINT.value):
         raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
+    if _CHECKPOINT.value and argv[1] != "eval":
+        raise app.UsageError("--checkpoint is for `eval`; `train` resumes from --workdir")
     import jax
 
     if _DISTRIBUTED.value:
@@ -87,7 +115,10 @@ def main(argv):
     cfg = _CONFIG.value
     try:
         config_lib.validate(cfg, jax.device_count())
-        result = train.run(cfg, _WORKDIR.value) if argv[1] == "train" else evaluate_checkpoint(cfg, _WORKDIR.value)
+        if argv[1] == "train":
+            result = train.run(cfg, _WORKDIR.value)
+        else:
+            result = evaluate_checkpoint(cfg, _WORKDIR.value or "", checkpoint=_CHECKPOINT.value)
     except train.USER_ERRORS as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -19,8 +19,7 @@ from flax import nnx
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import grad_cache, losses, optim, sharding, warm_start
-from clip_jax.evaluate import zero_shot
+from clip_jax import evaluate, grad_cache, losses, optim, sharding, warm_start
 from clip_jax.input import pipeline
 from clip_jax.models import two_tower
 
@@ -319,9 +318,11 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
             "re-run the same command to resume"
         )
         logging.warning("%s", result["message"])
-    elif cfg.eval.dataset and result["step"] == cfg.total_steps:
-        result["zero_shot"] = zero_shot.evaluate(cfg, state["params"], graphdef, mesh)
-        writer.write_scalars(result["step"], _prefixed(result["zero_shot"]))
+    elif evaluate.enabled(cfg) and result["step"] == cfg.total_steps:
+        result["eval"] = evaluate.run(cfg, state["params"], graphdef, mesh)
+        result["zero_shot"] = evaluate.section(result["eval"], "zeroshot")
+        result["retrieval"] = evaluate.section(result["eval"], "retrieval")
+        writer.write_scalars(result["step"], result["eval"])
     writer.flush()
     ckpt.close()
     return result
@@ -351,13 +352,9 @@ def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef
             _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
         if preempted:
             break
-        if cfg.eval.dataset and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-            writer.write_scalars(step, _prefixed(zero_shot.evaluate(cfg, state["params"], graphdef, mesh)))
+        if evaluate.enabled(cfg) and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
+            writer.write_scalars(step, evaluate.run(cfg, state["params"], graphdef, mesh))
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)
     return state, result
-
-
-def _prefixed(metrics: dict, prefix: str = "zeroshot/") -> dict:
-    return {prefix + k: v for k, v in metrics.items()}

@@ -1,7 +1,7 @@
 """The embedded, offline image-caption datasets, as tfds builders.
 
-Importing this package registers `clip_shapes` and `clip_digits` with tfds.
-Both are generated locally (no download) and stored as ArrayRecord, so they
+Importing this package registers `clip_shapes`, `clip_digits` and `clip_shapes_captions` (retrieval) with tfds.
+All are generated locally (no download) and stored as ArrayRecord, so they
 are read with `tfds.data_source` / grain without TensorFlow:
 
     from clip_jax import datasets
@@ -21,11 +21,12 @@ import os
 
 import tensorflow_datasets as tfds
 
-from clip_jax.datasets import digits, local, shapes
+from clip_jax.datasets import digits, local, shapes, shapes_captions
 
 BUILDERS = {
     "clip_shapes": shapes.ClipShapes,
     "clip_digits": digits.ClipDigits,
+    "clip_shapes_captions": shapes_captions.ClipShapesCaptions,  # retrieval: several captions per image
 }
 # Builders over the user's own files (see local.py): one config per corpus, named when it is prepared.
 LOCAL_BUILDERS = {

@@ -1,17 +1,119 @@
-"""Evaluators; `evaluate_checkpoint` runs them standalone on the latest checkpoint of a workdir."""
+"""Evaluators. `run` runs every configured one (the trainer calls it); `evaluate_checkpoint` runs them standalone
+on a checkpoint and writes the results as JSON and TensorBoard summaries.
+
+Metric names are flat, '<evaluator>/<metric>': 'zeroshot/top1', 'zeroshot/mean_per_class', 'retrieval/i2t_r1',
+'retrieval/t2i_r5', 'probe/top1', ... Every process runs every evaluator (they use all devices) and gets the same numbers.
+"""
+
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+# Evaluator name -> the config key that switches it on ('' = off). The order is the order they run in.
+EVALUATORS = {"zeroshot": "dataset", "retrieval": "retrieval_dataset", "probe": "probe_dataset"}
 
 
-def evaluate_checkpoint(cfg, workdir: str) -> dict:
+def enabled(cfg) -> list[str]:
+    """Names of the evaluators the config switches on."""
+    return [name for name, key in EVALUATORS.items() if cfg.eval[key]]
+
+
+def run(cfg, params, graphdef, mesh, encoders=None) -> dict:
+    """Every configured evaluator on the model in `params` -> {'zeroshot/top1': ..., 'retrieval/i2t_r1': ...}.
+
+    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
+    """
+    from clip_jax.evaluate import linear_probe, retrieval, zero_shot
+
+    functions = {"zeroshot": zero_shot.evaluate, "retrieval": retrieval.evaluate, "probe": linear_probe.evaluate}
+    out = {}
+    for name in enabled(cfg):
+        for key, value in functions[name](cfg, params, graphdef, mesh, encoders=encoders).items():
+            out[f"{name}/{key}"] = value
+    return out
+
+
+def section(metrics: dict, name: str) -> dict:
+    """The metrics of one evaluator, without its prefix: section(m, 'zeroshot')['top1']."""
+    prefix = name + "/"
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None]:
+    """--checkpoint accepts a workdir, its checkpoints/ folder or one step folder in it -> (workdir, step)."""
+    path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if name.isdigit() and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent), int(name)
+    if name == "checkpoints":
+        return parent, None
+    return path, None
+
+
+def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
+    """Run the configured evaluators on a checkpoint (the latest in workdir, or the one `checkpoint` names).
+
+    Writes <workdir>/eval/step_<N>.json and TensorBoard summaries in <workdir>/eval (process 0 only);
+    returns {'step', 'checkpoint', 'metrics', 'json', and per evaluator its section, e.g. 'zero_shot'}.
+    """
+    import jax
+
     from clip_jax import checkpoint as checkpoint_lib
     from clip_jax import optim, sharding, train
-    from clip_jax.evaluate import zero_shot
 
+    source, step = resolve_checkpoint(checkpoint) if checkpoint else (workdir, None)
+    workdir = workdir or source
+    if not enabled(cfg):
+        raise train.TrainingError(
+            "no evaluator configured: set eval.dataset, eval.retrieval_dataset and/or eval.probe_dataset"
+        )
     mesh = sharding.make_mesh(cfg)
     graphdef, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
-    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
-    restored = ckpt.restore(abstract, shardings, cfg)
+    ckpt = checkpoint_lib.Checkpointer(source, cfg)
+    if step is not None and step not in ckpt.manager.all_steps():
+        ckpt.close()
+        raise train.TrainingError(
+            f"no checkpoint at step {step} in {ckpt.directory}; it has {ckpt.manager.all_steps()}"
+        )
+    restored = ckpt.restore(abstract, shardings, cfg, step=step)
     ckpt.close()
     if restored is None:
         raise train.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
     step, state, _ = restored
-    return {"step": step, "zero_shot": zero_shot.evaluate(cfg, state["params"], graphdef, mesh)}
+    metrics = run(cfg, state["params"], graphdef, mesh)
+    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    path = os.path.join(out_dir, f"step_{step}.json")
+    if jax.process_index() == 0:
+        _write(out_dir, path, step, ckpt.directory, cfg, metrics)
+    result = {
+        "step": step,
+        "checkpoint": os.path.join(ckpt.directory, str(step)),
+        "metrics": metrics,
+        "json": path,
+    }
+    result["zero_shot"] = section(metrics, "zeroshot")
+    result["retrieval"] = section(metrics, "retrieval")
+    result["probe"] = section(metrics, "probe")
+    return result
+
+
+def _write(out_dir, path, step, ckpt_dir, cfg, metrics):
+    from clu import metric_writers  # imports tensorflow: only here
+
+    os.makedirs(out_dir, exist_ok=True)
+    record = {
+        "step": step,
+        "checkpoint": os.path.join(ckpt_dir, str(step)),
+        "eval_config": cfg.eval.to_dict(),
+        "metrics": metrics,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # a reader never sees half a file
+    writer = metric_writers.create_default_writer(out_dir)
+    writer.write_scalars(step, metrics)
+    writer.flush()
+    writer.close()
+    log.info("evaluation of step %d written to %s", step, path)

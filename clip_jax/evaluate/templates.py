@@ -1,24 +1,65 @@
-"""Prompt templates for zero-shot classification (config key eval.templates).
+"""Class names and prompt templates for zero-shot classification (config keys eval.class_names, eval.templates).
 
+Both are data shipped in the package (clip_jax/evaluate/data/*.json; sources and licences in data/NOTICE).
 Each class name is put into every template; the class embedding is the renormalised mean over templates.
-The embedded datasets (clip_shapes, clip_digits) bring their own prompts, phrased like their captions
-("an orange circle"), so eval.templates may also name one of them.
+The embedded datasets (clip_shapes, clip_digits) have prompts phrased like their captions ("an orange circle"):
+naming one of them as eval.templates uses the dataset's own wording (articles fixed per class).
 """
 
-TEMPLATES = {
-    # Single generic prompt, for any dataset.
-    "plain": ("a photo of a {}.",),
-    # The short ensemble commonly used for ImageNet-style natural images.
-    "imagenet_short": (
-        "a photo of a {}.",
-        "a bad photo of a {}.",
-        "a photo of the large {}.",
-        "a photo of the small {}.",
-        "a low resolution photo of a {}.",
-        "itap of a {}.",
-        "a cropped photo of a {}.",
-    ),
+import functools
+import json
+import os
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# tfds datasets that share another's classes in the same label order.
+NAME_ALIASES = {
+    "imagenet_v2": "imagenet2012",
+    "imagenet2012_real": "imagenet2012",
+    "imagenet2012_subset": "imagenet2012",
 }
+
+
+@functools.cache
+def _load(file: str) -> dict[str, tuple[str, ...]]:
+    with open(os.path.join(DATA_DIR, file), encoding="utf-8") as f:
+        return {k: tuple(v) for k, v in json.load(f).items()}
+
+
+def template_sets() -> dict[str, tuple[str, ...]]:
+    """Template set name -> its templates, each with one '{}' for the class name."""
+    return _load("templates.json")
+
+
+def names_files() -> dict[str, tuple[str, ...]]:
+    """Dataset name -> class names in label order."""
+    return _load("class_names.json")
+
+
+def class_names(choice: str, dataset: str, label_names) -> list[str]:
+    """The class names to prompt with. choice (eval.class_names): '' = the names file of `dataset` if there is one,
+    else its ClassLabel names; 'label' = the ClassLabel names; any other = that entry of class_names.json."""
+    label_names = list(label_names)
+    base = dataset.partition("/")[0].partition(":")[0]  # tfds 'name/config:version'
+    if choice == "label":
+        return label_names
+    if choice == "":
+        key = NAME_ALIASES.get(base, base)
+        if key not in names_files():
+            return label_names
+    else:
+        key = choice
+        if key not in names_files():
+            raise ValueError(
+                f"eval.class_names={choice!r} is not in {os.path.join(DATA_DIR, 'class_names.json')}; use one of "
+                f"{sorted(names_files())}, 'label' (the dataset's ClassLabel names) or '' (automatic)"
+            )
+    names = list(names_files()[key])
+    if len(names) != len(label_names):
+        raise ValueError(
+            f"class names '{key}' list {len(names)} classes but {dataset} has {len(label_names)}; set "
+            "eval.class_names='label' to use the dataset's own names"
+        )
+    return names
 
 
 def class_prompts(templates: str, class_names) -> list[list[str]]:
@@ -29,7 +70,7 @@ def class_prompts(templates: str, class_names) -> list[list[str]]:
         if list(class_names) != list(datasets.class_names(templates)):
             raise ValueError(f"eval.templates={templates!r} are that dataset's prompts but the class names differ")
         return [list(p) for p in datasets.prompts(templates)]
-    if templates not in TEMPLATES:
-        choices = sorted(TEMPLATES) + sorted(datasets.PROMPT_TEMPLATES)
-        raise ValueError(f"unknown eval.templates {templates!r}; choose one of {choices}")
-    return [[t.format(name) for t in TEMPLATES[templates]] for name in class_names]
+    sets = template_sets()
+    if templates not in sets:
+        raise ValueError(f"unknown eval.templates {templates!r}; choose one of {sorted(sets)}")
+    return [[t.format(name) for t in sets[templates]] for name in class_names]

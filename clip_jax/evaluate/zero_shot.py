@@ -1,82 +1,94 @@
-"""Zero-shot classification: prompt-ensembled class embeddings, top-1/top-5 accuracy, on all devices.
+"""Zero-shot classification: prompt-ensembled class embeddings; top-1, top-5 and mean per-class accuracy.
 
-Class embedding = normalise(mean over templates of the normalised text embeddings of "template(class)").
-Images are encoded batch-sharded over every device; only per-example hit flags come back to the host.
+Class embedding = normalise(mean over templates of the normalised text embeddings of "template(class)"), built
+once per evaluation with the prompts spread over all devices. Images are encoded batch-sharded over every
+device; each step reduces to per-class counts on the devices ([groups, 3, classes], replicated), so only those
+counts reach the host, identical on every process.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from clip_jax import sharding
+from clip_jax.evaluate import common
 from clip_jax.evaluate import templates as templates_lib
 from clip_jax.input import pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 
-
-def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
-    pad = (-len(x)) % multiple
-    return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+GROUPS = ("", "_seen", "_unseen")  # metric suffixes: all images; those of classes seen / unseen in training
 
 
 def class_embeddings(encode_text, tokens_per_class: np.ndarray, mesh, chunk: int = 1024) -> jax.Array:
-    """tokens_per_class: [C, T, L] -> [C, d] unit-norm class embeddings."""
+    """tokens_per_class: [C, T, L] -> [C, d] unit-norm class embeddings (replicated)."""
     c, t, l = tokens_per_class.shape
-    flat = tokens_per_class.reshape(c * t, l)
-    n_dev = mesh.devices.size
-    outs = []
-    for start in range(0, len(flat), chunk):
-        part = flat[start : start + chunk]
-        emb = encode_text(sharding.put_batch({"t": _pad_rows(part, n_dev)}, mesh)["t"])
-        outs.append(np.asarray(jax.device_get(emb))[: len(part)])
-    emb = np.concatenate(outs).reshape(c, t, -1).mean(axis=1)
-    return jnp.asarray(emb / np.linalg.norm(emb, axis=-1, keepdims=True))
+    emb = common.encode_all(encode_text, tokens_per_class.reshape(c * t, l), mesh, chunk)
+    emb = emb.astype(np.float64).reshape(c, t, -1).mean(axis=1)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    return jax.device_put(emb.astype(np.float32), sharding.replicated(mesh))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _hits(img_emb, class_emb, labels, k):
-    """Per-example top-1 and top-k hit flags."""
-    logits = img_emb @ class_emb.T
-    topk = jax.lax.top_k(logits, k)[1]
-    return topk[:, 0] == labels, jnp.any(topk == labels[:, None], axis=-1)
+def class_counts(img_emb, class_emb, labels, groups, k):
+    """[G, 3, C]: per group (weights [B, G]) and class, the number of images, of top-1 hits and of top-k hits.
+
+    Ties between classes go to the lower class index (lax.top_k's order).
+    """
+    top = jax.lax.top_k(img_emb @ class_emb.T, k)[1]
+    hit1 = (top[:, 0] == labels).astype(jnp.float32)
+    hitk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    stats = jnp.stack([jnp.ones_like(hit1), hit1, hitk])  # [3, B]
+    onehot = jax.nn.one_hot(labels, class_emb.shape[0], dtype=jnp.float32)
+    return jnp.einsum("bg,sb,bc->gsc", groups, stats, onehot)
 
 
-def evaluate(cfg, params, graphdef, mesh) -> dict:
-    """Zero-shot top-1/top-5 (%) of the model in `params` on cfg.eval.dataset, with chance levels for reference."""
-    names = pipeline.class_names(cfg)
-    prompts = templates_lib.class_prompts(cfg.eval.templates, names)
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("every class needs the same number of prompts")
-    tok = tokenizer_lib.make(cfg)
-    tokens = np.stack([tok(p) for p in prompts])
-    encode_text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x))
-    encode_image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
-    class_emb = class_embeddings(functools.partial(encode_text, params), tokens, mesh)
-    k = min(5, len(names))
-    hit1, hitk, mask, unseen = [], [], [], []
-    for batch in pipeline.eval_batches(cfg, batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size):
-        dev = sharding.put_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-        h1, hk = _hits(encode_image(params, dev["image"]), class_emb, dev["label"], k)
-        hit1.append(np.asarray(jax.device_get(h1)))
-        hitk.append(np.asarray(jax.device_get(hk)))
-        mask.append(batch["mask"])
-        unseen.append(batch.get("unseen", np.zeros_like(batch["mask"])))
-    hit1, hitk, mask, unseen = map(np.concatenate, (hit1, hitk, mask, unseen))
-    out = _accuracies(hit1, hitk, mask, "")
-    out.update(num_classes=len(names), chance_top1=100.0 / len(names), chance_top5=100.0 * k / len(names))
-    if unseen.any():  # datasets with held-out combinations report seen / unseen separately
-        out.update(_accuracies(hit1, hitk, mask * (1 - unseen), "_seen"))
-        out.update(_accuracies(hit1, hitk, mask * unseen, "_unseen"))
+def score(encode_image, class_emb, batches, mesh, k: int) -> np.ndarray:
+    """Sum of class_counts over host batches {'image', 'label', 'mask', optional 'unseen'}: float64 [G, 3, C]."""
+    total = np.zeros((len(GROUPS), 3, class_emb.shape[0]))
+    counts = jax.jit(class_counts, static_argnames=("k",), out_shardings=sharding.replicated(mesh))
+    for batch in batches:
+        mask = batch["mask"].astype(np.float32)
+        unseen = batch.get("unseen", np.zeros_like(mask)).astype(np.float32)
+        groups = np.stack([mask, mask * (1 - unseen), mask * unseen], axis=1)  # [b, G]: sharded with the batch
+        dev = sharding.put_batch({"image": batch["image"], "label": batch["label"], "groups": groups}, mesh)
+        out = counts(encode_image(dev["image"]), class_emb, dev["label"], dev["groups"], k=k)
+        total += common.to_host(out)
+    return total
+
+
+def metrics(counts: np.ndarray, k: int) -> dict:
+    """Accuracies (%) from score()'s counts: top1, top5 (top-k with k = min(5, classes)), mean_per_class (top-1
+    averaged over the classes that have images) and examples, per group present."""
+    out = {}
+    num_classes = counts.shape[-1]
+    has_unseen = counts[GROUPS.index("_unseen"), 0].sum() > 0
+    for g, suffix in enumerate(GROUPS):
+        if suffix and not has_unseen:
+            continue  # no held-out classes in this dataset: the overall figures only
+        n_per_class, hit1, hitk = counts[g]
+        n = n_per_class.sum()
+        present = n_per_class > 0
+        per_class = hit1[present] / n_per_class[present]
+        out[f"top1{suffix}"] = 100.0 * hit1.sum() / max(n, 1.0)
+        out[f"top5{suffix}"] = 100.0 * hitk.sum() / max(n, 1.0)
+        out[f"mean_per_class{suffix}"] = 100.0 * float(per_class.mean()) if present.any() else 0.0
+        out[f"examples{suffix}"] = int(n)
+    out.update(num_classes=num_classes, chance_top1=100.0 / num_classes, chance_top5=100.0 * k / num_classes)
     return out
 
 
-def _accuracies(hit1, hitk, mask, suffix):
-    n = float(mask.sum())
-    return {
-        f"top1{suffix}": 100.0 * float((hit1 * mask).sum()) / max(n, 1.0),
-        f"top5{suffix}": 100.0 * float((hitk * mask).sum()) / max(n, 1.0),
-        f"examples{suffix}": int(n),
-    }
+def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
+    """Zero-shot accuracies (%) of the model in `params` on cfg.eval.dataset, with chance levels for reference.
+
+    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
+    """
+    label_names = pipeline.class_names(cfg)
+    names = templates_lib.class_names(cfg.eval.class_names, cfg.eval.dataset, label_names)
+    prompts = templates_lib.class_prompts(cfg.eval.templates, names)
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("every class needs the same number of prompts")
+    encode_image, encode_text = encoders or common.encoders(params, graphdef)
+    tok = tokenizer_lib.make(cfg)
+    class_emb = class_embeddings(encode_text, np.stack([tok(p) for p in prompts]), mesh)
+    k = min(5, len(names))
+    batches = pipeline.eval_batches(cfg, batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size)
+    return metrics(score(encode_image, class_emb, batches, mesh, k), k)

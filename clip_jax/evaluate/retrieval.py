@@ -1,0 +1,158 @@
+"""Image<->text retrieval: recall@1/5/10 in both directions, for datasets with one or several captions per image.
+
+cfg.eval.retrieval_dataset names any tfds set with an image and a caption feature (a single text, or a sequence
+of texts, possibly nested: coco_captions 'captions/text'); the embedded `clip_shapes_captions` has five per
+image. Each process reads its share of every batch of images, encodes them over all devices and keeps the
+embeddings there; its captions are then encoded the same way. The ranks come from blockwise.ranks (the full
+similarity matrix never exists anywhere) and only the hit counts reach the host, identical on every process.
+
+image->text: an image is a hit at k if any of its captions is among the k best texts for it.
+text->image: a caption is a hit at k if its own image is among the k best images for it.
+"""
+
+import functools
+import logging
+
+import jax
+import numpy as np
+
+from clip_jax import sharding
+from clip_jax.evaluate import blockwise, common
+from clip_jax.input import decode, ops, pipeline
+from clip_jax.input import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+KS = (1, 5, 10)
+
+
+def captions_of(value, max_tokens: int) -> list[str]:
+    """Every usable caption in a stored caption feature (one text or a sequence of them)."""
+    several = isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0)
+    out = []
+    for item in value if several else [value]:
+        text, _ = decode.caption(item, max_tokens)
+        if text is not None:
+            out.append(text)
+    return out
+
+
+def _records(source, idx):
+    getitems = getattr(source, "__getitems__", None)
+    return getitems(idx) if getitems and idx else [source[i] for i in idx]
+
+
+def encode_images(cfg, mesh, encode_image):
+    """Encode this process's share of the retrieval images.
+
+    Returns (device lists of embeddings, ids and valid flags, one entry per global batch; this process's captions;
+    the id of each caption's image). An image's id is its index in the split; unreadable images are left out,
+    with their captions.
+    """
+    e, pc, pi = cfg.eval, jax.process_count(), jax.process_index()
+    source = pipeline.open_source(e.retrieval_dataset, e.retrieval_split, cfg.data.data_dir)
+    total = len(source) if e.retrieval_max_examples < 0 else min(len(source), e.retrieval_max_examples)
+    local, size, max_len = e.batch_size // pc, cfg.model.image.image_size, cfg.model.text.max_len
+    if cfg.data.eval_crop not in ops.EVAL_CROPS:
+        raise ValueError(f"data.eval_crop={cfg.data.eval_crop!r}; choose one of {ops.EVAL_CROPS}")
+    embs, ids, oks, captions, owners = [], [], [], [], []
+    for start in range(0, total, e.batch_size):
+        idx = list(range(start + pi * local, min(start + (pi + 1) * local, total)))
+        images = np.zeros((local, size, size, 3), np.float32)
+        img_id, ok = np.full((local,), -1, np.int32), np.zeros((local,), bool)
+        for j, (i, record) in enumerate(zip(idx, _records(source, idx), strict=True)):
+            value = pipeline.field(record, e.retrieval_text_key)
+            if value is None:
+                raise pipeline.DataError(
+                    f"{e.retrieval_dataset} has no caption feature '{e.retrieval_text_key}' (its features: "
+                    f"{sorted(record)}); set eval.retrieval_text_key"
+                )
+            rgb, bits = decode.image(pipeline.field(record, e.retrieval_image_key), size, 1)
+            if rgb is None:
+                log.warning("retrieval image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
+                continue
+            images[j], img_id[j], ok[j] = ops.eval_view(rgb, size, cfg.data.eval_crop), i, True
+            texts = captions_of(value, max_len)
+            captions += texts
+            owners += [i] * len(texts)
+        dev = sharding.put_batch({"image": images, "id": img_id, "ok": ok}, mesh)
+        embs.append(encode_image(dev["image"]))
+        ids.append(dev["id"])
+        oks.append(dev["ok"])
+    if not embs:
+        raise pipeline.DataError(f"{e.retrieval_dataset} split '{e.retrieval_split}' has no images")
+    return (embs, ids, oks), captions, np.asarray(owners, np.int32)
+
+
+def _text_ids(owners: np.ndarray) -> np.ndarray:
+    """Unique caption ids, the same whatever the process layout: image id * (most captions per image) + position
+    among its image's captions (they are listed together, in stored order)."""
+    per_image = max(_global_max(int(np.unique(owners, return_counts=True)[1].max()) if len(owners) else 0), 1)
+    if (_global_max(int(owners.max()) if len(owners) else 0) + 1) * per_image >= blockwise.NO_INDEX:
+        raise ValueError("too many captions for int32 caption ids; set eval.retrieval_max_examples lower")
+    first = np.flatnonzero(np.r_[True, np.diff(owners) != 0]) if len(owners) else np.zeros(0, int)
+    position = np.arange(len(owners)) - np.repeat(first, np.diff(np.r_[first, len(owners)]))
+    return (owners.astype(np.int64) * per_image + position).astype(np.int32)
+
+
+def _global_max(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def encode_texts(cfg, mesh, encode_text, captions: list[str], owners: np.ndarray):
+    """Encode this process's captions over all devices: device lists of embeddings, ids, image ids, valid flags.
+    Every process runs the same number of steps (the most any process needs), padding with invalid rows."""
+    local = cfg.eval.batch_size // jax.process_count()
+    steps = max(1, -(-_global_max(len(captions)) // local))
+    tok, text_ids = tokenizer_lib.make(cfg), _text_ids(owners)
+    embs, ids, own, oks = [], [], [], []
+    for s in range(steps):
+        part = slice(s * local, (s + 1) * local)
+        n = len(captions[part])
+        batch = {
+            "tokens": common.pad_rows(tok(captions[part]).reshape(n, -1), local, fill=tok.pad_id),
+            "id": common.pad_rows(text_ids[part], local, fill=-1),
+            "owner": common.pad_rows(owners[part], local, fill=-1),
+            "ok": common.pad_rows(np.ones(n, bool), local, fill=False),
+        }
+        dev = sharding.put_batch(batch, mesh)
+        embs.append(encode_text(dev["tokens"]))
+        ids.append(dev["id"])
+        own.append(dev["owner"])
+        oks.append(dev["ok"])
+    return embs, ids, own, oks
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(mesh, tile: int):
+    """Jitted (image and text arrays) -> replicated ((i2t hits [3], images), (t2i hits [3], texts))."""
+
+    def score(img, img_id, img_ok, txt, txt_id, owner, txt_ok):
+        rank_i, rank_t = blockwise.ranks(
+            img, img_id, img_ok, txt, txt_id, owner, txt_ok, mesh=mesh, axes=sharding.BATCH_AXES, tile=tile
+        )
+        return blockwise.recall(rank_i, KS), blockwise.recall(rank_t, KS)
+
+    return jax.jit(score, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
+    """Recall@1/5/10 (%) both ways on cfg.eval.retrieval_dataset, with the numbers of images and captions.
+
+    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
+    """
+    encode_image, encode_text = encoders or common.encoders(params, graphdef)
+    (embs, ids, oks), captions, owners = encode_images(cfg, mesh, encode_image)
+    t_embs, t_ids, t_owner, t_oks = encode_texts(cfg, mesh, encode_text, captions, owners)
+    cat = functools.partial(blockwise.concat_sharded, mesh=mesh, axes=sharding.BATCH_AXES)
+    args = [cat(p) for p in (embs, ids, oks, t_embs, t_ids, t_owner, t_oks)]
+    (hits_i, n_i), (hits_t, n_t) = _scorer(mesh, cfg.eval.retrieval_tile)(*args)
+    hits_i, hits_t, n_i, n_t = (common.to_host(x) for x in (hits_i, hits_t, n_i, n_t))
+    out = {"images": int(n_i), "texts": int(n_t)}
+    for k, hi, ht in zip(KS, hits_i, hits_t, strict=True):
+        out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i), 1)
+        out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t), 1)
+    return out
