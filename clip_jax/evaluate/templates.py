@@ -18,6 +18,13 @@ TEMPLATES = {
         "itap of a {}.",
         "a cropped photo of a {}.",
     ),
+    # Fashion-MNIST (data.name clip_fashion_mnist): phrased like its captions; "the" needs no a/an fix.
+    "clip_fashion_mnist": (
+        "a photo of the {}.",
+        "a black and white photo of the {}.",
+        "a product photo of the {}.",
+        "a low resolution photo of the {}.",
+    ),
 }
 
 

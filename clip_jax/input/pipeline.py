@@ -37,7 +37,10 @@ def open_source(name: str, split: str, data_dir: str):
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise DataError(_one_line(e)) from None
     if base in datasets.BUILDERS:
-        datasets.prepare(base, data_dir, builder_config or None)
+        try:
+            datasets.prepare(base, data_dir, builder_config or None)
+        except datasets.PREPARE_ERRORS as e:  # a demo set's source (Debian package, scikit-image) is missing
+            raise DataError(f"cannot prepare {name} in {data_dir}: {_one_line(e)}") from None
     how = (
         f"prepare it there first (e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record` with "
         "its source files available locally), or point --config.data.data_dir at where it is prepared"
