@@ -13,16 +13,21 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clip_jax import config as config_lib
 from clip_jax import datasets
 from clip_jax.datasets import debian, emoji, fashion
 from clip_jax.evaluate import templates
 from clip_jax.input import pipeline
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import tiny_cpu  # after the sys.path line
 
 pytestmark = pytest.mark.usefixtures("no_network")
 # Fashion-MNIST's labels as its README lists them (T-shirt/top, Trouser, ..., Ankle boot), lower-cased.
@@ -263,3 +268,20 @@ def test_skimage_rgba_over_white():
     rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 200, 51]]], np.uint8)
     # Hand-computed: transparent -> white; opaque unchanged; alpha 0.2: 0.2*c + 0.8*255.
     assert photos.to_rgb(rgba).tolist() == [[[255, 255, 255], [10, 20, 30], [204, 204, 244]]]
+
+
+@pytest.mark.parametrize(
+    "arg, train, zero_shot, prompts",
+    [
+        ("fashion", "clip_fashion_mnist", "clip_fashion_mnist", "clip_fashion_mnist"),
+        ("emoji,sigmoid", "clip_emoji", "", None),
+    ],
+)
+def test_tiny_cpu_demo_variants(arg, train, zero_shot, prompts):
+    cfg = tiny_cpu.get_config(arg)
+    config_lib.validate(cfg, 8)
+    assert (cfg.data.name, cfg.eval.dataset) == (train, zero_shot)
+    if prompts:
+        assert cfg.eval.templates == prompts and prompts in templates.TEMPLATES
+    with pytest.raises(ValueError, match="pick one"):
+        tiny_cpu.get_config("fashion,digits")

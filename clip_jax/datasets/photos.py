@@ -92,7 +92,7 @@ def load(name: str) -> tuple[np.ndarray, str] | None:
 
 def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=1)  # lossless either way; 4x faster than 6, 23% larger
     return buf.getvalue()
 
 
