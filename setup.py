@@ -37,7 +37,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # tokenizers (HF): the independent reference the CLIP BPE tests compare against, token for token.
-        "test": ["pytest==9.2.0", "tokenizers==0.23.3"],
+        # scikit-image and fonttools: the clip_skimage photos, and the emoji tests' independent glyph table.
+        "test": ["pytest==9.2.0", "tokenizers==0.23.3", "scikit-image==0.26.0", "fonttools==4.68.0"],
+        "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
     },
 )

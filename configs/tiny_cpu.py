@@ -1,7 +1,10 @@
 """The default config: a tiny CLIP that trains in minutes on 2 CPU cores on the embedded shapes dataset.
 
 Variants by argument (comma-separated): `configs/tiny_cpu.py:sigmoid` trains SigLIP's loss instead,
-`configs/tiny_cpu.py:digits` trains and evaluates on scikit-learn's real handwritten digits.
+`configs/tiny_cpu.py:digits` trains and evaluates on scikit-learn's real handwritten digits, `:fashion` trains on
+Fashion-MNIST's captioned train split and evaluates zero-shot on its test split (10 clothing classes), `:emoji`
+trains on the rendered emoji and their names (no zero-shot set: every emoji is its own caption). The demo sets
+are prepared on first use (see data/prepare.py --name demo).
 """
 
 import math
@@ -11,9 +14,12 @@ from clip_jax.config import base
 
 def get_config(arg: str = ""):
     opts = set(filter(None, (arg or "").split(",")))
-    unknown = opts - {"sigmoid", "digits"}
+    known = {"sigmoid", "digits", "fashion", "emoji"}
+    unknown = opts - known
     if unknown:
-        raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: sigmoid, digits")
+        raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    if len(opts & {"digits", "fashion", "emoji"}) > 1:
+        raise ValueError("tiny_cpu options digits, fashion and emoji each name the dataset; pick one")
     c = base()
     # Sized for 2 CPU cores: ~1 GFLOP of forward pass per step, so the whole run takes minutes.
     c.batch_size = 128
@@ -46,4 +52,8 @@ def get_config(arg: str = ""):
         c.model.log_t_init, c.model.bias_init = math.log(10.0), -10.0
     if "digits" in opts:
         c.data.name = c.eval.dataset = c.eval.templates = "clip_digits"
+    if "fashion" in opts:  # 28x28 images padded to 32x32; 60k train captions, 10k test images for zero-shot
+        c.data.name = c.eval.dataset = c.eval.templates = "clip_fashion_mnist"
+    if "emoji" in opts:  # 64x64 renders, resized to 32x32 by the pipeline
+        c.data.name, c.eval.dataset = "clip_emoji", ""
     return c

@@ -189,3 +189,53 @@ def test_worker_processes_resume_exactly_and_report_counts(cfg):
         np.testing.assert_array_equal(got["tokens"], w["tokens"])
         np.testing.assert_array_equal(got["image"], w["image"])
     assert workers.counts.get("non_utf8_caption", 0) >= 1  # counted in a worker, reported here
+
+
+class _FailingReads:
+    """A data source whose record `bad` cannot be read (as a corrupt ArrayRecord chunk would fail)."""
+
+    def __init__(self, source, bad):
+        self.source, self.bad = source, bad
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if index == self.bad:
+            raise OSError("corrupt record")
+        return self.source[index]
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+def test_cache_applies_the_same_bad_record_guard_as_streaming(cfg, monkeypatch):
+    """data.cache=True: the same batches and the same counts as streaming, an unreadable record included."""
+    open_source = pipeline.open_source
+    monkeypatch.setattr(pipeline, "open_source", lambda *a: _FailingReads(open_source(*a), bad=3))
+    runs = {}
+    for cache in (False, True):
+        cfg.data.cache = cache
+        it = pipeline.train_iterator(cfg)
+        runs[cache] = ([next(it) for _ in range(2 * len(GOOD) // 4)], it.counts)
+    (stream, stream_counts), (cached, cached_counts) = runs[False], runs[True]
+    for a, b in zip(stream, cached, strict=True):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert cached_counts == stream_counts
+    assert cached_counts["unreadable_record"] == 2  # two epochs: met once in each
+    assert {"undecodable_image", "truncated_image", "tiny_image", "empty_caption"} <= set(cached_counts)
+
+
+def test_in_memory_source_keeps_odd_records_as_stored():
+    records = [
+        {"image": np.zeros((4, 6, 3), np.uint8), "captions": {"text": [b"a", b"b"]}, "other": 1},
+        {"image": np.zeros((5, 5), np.uint8), "captions": {"text": [b"c"]}, "other": 2},
+        {"image": b"not an image", "captions": {"text": []}, "other": 3},
+    ]
+    cache = pipeline.InMemorySource(_FailingReads(records, bad=1), ("image", "captions/text"))
+    assert len(cache) == 3 and cache[1] == {decode.UNREADABLE: True}
+    assert cache[0]["image"].shape == (4, 6, 3) and cache[2]["image"] == b"not an image"  # mixed: kept as a list
+    assert pipeline.field(cache[0], "captions/text") == [b"a", b"b"] and "other" not in cache[0]
+    same = pipeline.InMemorySource(records[:1] * 3, ("image",))
+    assert isinstance(same.columns["image"], np.ndarray) and same.columns["image"].shape == (3, 4, 6, 3)

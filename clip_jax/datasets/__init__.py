@@ -1,8 +1,16 @@
 """The embedded, offline image-caption datasets, as tfds builders.
 
+<<<<<<< HEAD
 Importing this package registers `clip_shapes`, `clip_digits` and `clip_shapes_captions` (retrieval) with tfds.
 All are generated locally (no download) and stored as ArrayRecord, so they
 are read with `tfds.data_source` / grain without TensorFlow:
+=======
+Importing this package registers `clip_shapes` and `clip_digits` (generated
+locally) and the demo sets `clip_fashion_mnist`, `clip_emoji` (from Debian
+packages, fetched without root when not installed) and `clip_skimage`
+(scikit-image's bundled photos) with tfds. All are stored as ArrayRecord, so
+they are read with `tfds.data_source` / grain without TensorFlow:
+>>>>>>> h-data
 
     from clip_jax import datasets
     datasets.prepare("clip_shapes", "./tfds_data")   # once; fast if present
@@ -21,13 +29,25 @@ import os
 
 import tensorflow_datasets as tfds
 
+<<<<<<< HEAD
 from clip_jax.datasets import digits, local, shapes, shapes_captions
+=======
+from clip_jax.datasets import debian, digits, emoji, fashion, local, photos, shapes
+>>>>>>> h-data
 
 BUILDERS = {
     "clip_shapes": shapes.ClipShapes,
     "clip_digits": digits.ClipDigits,
+<<<<<<< HEAD
     "clip_shapes_captions": shapes_captions.ClipShapesCaptions,  # retrieval: several captions per image
+=======
+    "clip_fashion_mnist": fashion.ClipFashionMnist,
+    "clip_emoji": emoji.ClipEmoji,
+    "clip_skimage": photos.ClipSkimage,
+>>>>>>> h-data
 }
+# The real-data demo sets (data/prepare.py --name demo); their sources are Debian packages and scikit-image.
+DEMO = ("clip_fashion_mnist", "clip_emoji", "clip_skimage")
 # Builders over the user's own files (see local.py): one config per corpus, named when it is prepared.
 LOCAL_BUILDERS = {
     "image_text_folder": local.ImageTextFolder,
@@ -36,6 +56,7 @@ LOCAL_BUILDERS = {
 CLASS_NAMES = {
     "clip_shapes": shapes.CLASS_NAMES,  # "red circle", ... (colour x shape)
     "clip_digits": digits.CLASS_NAMES,  # "0" .. "9"
+    "clip_fashion_mnist": fashion.CLASS_NAMES,  # "t-shirt/top" .. "ankle boot" (prompts: evaluate/templates.py)
 }
 # Zero-shot prompt templates that match each dataset's caption phrasing.
 PROMPT_TEMPLATES = {
@@ -43,11 +64,15 @@ PROMPT_TEMPLATES = {
     "clip_digits": digits.PROMPT_TEMPLATES,
 }
 FILE_FORMAT = "array_record"
+# What preparing a demo set raises when its source cannot be had; the message says how to provide it.
+PREPARE_ERRORS = (debian.PackageError, photos.MissingDependency)
 
 
 def class_names(name: str) -> tuple[str, ...]:
     """Class names of `name`'s label feature, in label order."""
-    return CLASS_NAMES[_check_name(name)]
+    if _check_name(name) not in CLASS_NAMES:
+        raise ValueError(f"{name} has no class labels; datasets with them: {sorted(CLASS_NAMES)}")
+    return CLASS_NAMES[name]
 
 
 def prompts(name: str) -> tuple[tuple[str, ...], ...]:

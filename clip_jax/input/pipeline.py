@@ -37,7 +37,10 @@ def open_source(name: str, split: str, data_dir: str):
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise DataError(_one_line(e)) from None
     if base in datasets.BUILDERS:
-        datasets.prepare(base, data_dir, builder_config or None)
+        try:
+            datasets.prepare(base, data_dir, builder_config or None)
+        except datasets.PREPARE_ERRORS as e:  # a demo set's source (Debian package, scikit-image) is missing
+            raise DataError(f"cannot prepare {name} in {data_dir}: {_one_line(e)}") from None
     how = (
         f"prepare it there first (e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record` with "
         "its source files available locally), or point --config.data.data_dir at where it is prepared"
@@ -239,28 +242,72 @@ class IssueCounter:
         self.iterator.set_state(state)
 
 
+def prefetch_to_device(iterator, size: int, mesh):
+    """Wraps an iterator of host-local numpy batches: yields global arrays sharded over the mesh's batch axes
+    (sharding.put_batch) with `size` more already sent to the devices; get_state/set_state pass through, at the
+    position of the batch last returned. See prefetch.DevicePrefetch."""
+    from clip_jax.input import prefetch  # imports flax via sharding: not needed by grain worker processes
+
+    return prefetch.DevicePrefetch(iterator, size, mesh)
+
+
 class InMemorySource:
-    """A split decoded once into host memory: random access without re-reading or re-decoding records.
+    """A split read once into host memory: random access without re-reading or re-decoding records.
 
     For datasets small enough to hold (the embedded 50k 32x32 shapes are ~150 MB), this removes the per-step
-    record unpacking and PNG decoding that otherwise takes a large share of a small CPU machine.
+    record unpacking and PNG decoding that otherwise takes a large share of a small CPU machine. Only the
+    features the pipeline reads are kept, as stored: the images and captions still pass through _Preprocess,
+    so bad ones are skipped and counted exactly as when streaming; a record the storage cannot return becomes
+    the same unreadable marker as in _SafeSource (it used to abort the whole cache).
     """
 
     def __init__(self, source, keys):
+        keys = list(dict.fromkeys(k.split("/")[0] for k in keys))  # nested 'captions/text' lives in 'captions'
+        parts, self.unreadable = {k: [] for k in keys}, set()
         chunk = 1024
-        parts = {k: [] for k in keys}
         for start in range(0, len(source), chunk):
-            records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-            for k in keys:
-                parts[k].extend(r[k] for r in records)
-        self.columns = {k: np.stack(v) if isinstance(v[0], np.ndarray) else v for k, v in parts.items()}
+            for i, record in zip(range(start, min(start + chunk, len(source))), _read_chunk(source, start, chunk)):
+                if record is None:
+                    self.unreadable.add(i)
+                for k in keys:
+                    parts[k].append(None if record is None else record.get(k))
+        self.columns = {k: _column(v) for k, v in parts.items()}
         self.length = len(source)
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
+        if index in self.unreadable:
+            return {decode.UNREADABLE: True}
         return {k: v[index] for k, v in self.columns.items()}
+
+
+def _read_chunk(source, start: int, size: int) -> list:
+    """Records start..start+size of `source`, None for each one that cannot be read."""
+    indices = list(range(start, min(start + size, len(source))))
+    if hasattr(source, "__getitems__"):  # tfds' batched read: much faster than one record at a time
+        try:
+            return list(source.__getitems__(indices))
+        except Exception as e:  # noqa: BLE001  one bad record fails the whole chunk: read it record by record
+            log.info("cache: a chunk read failed (%s); reading its records one by one", _one_line(e))
+    out = []
+    for i in indices:
+        try:
+            out.append(source[i])
+        except Exception:  # noqa: BLE001  storage and feature decoding raise many types
+            out.append(None)
+    return out
+
+
+def _column(values: list):
+    """One array when every value is an array of one shape and dtype (compact, fast to index), else the list."""
+    first = values[0] if values else None
+    if isinstance(first, np.ndarray) and all(
+        isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values
+    ):
+        return np.stack(values)
+    return values
 
 
 def mixture(data) -> list[tuple[str, float]]:
