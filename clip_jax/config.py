@@ -66,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.text_key = "caption"  # feature holding the caption(s); 'a/b' = nested (coco_captions: 'captions/text')
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
     c.data.prefetch = 2  # batches prepared ahead of the train step
+    c.data.device_prefetch = 1  # batches copied to the devices ahead of the train step (0 = none)
     c.data.cache = False  # decode the whole train split into memory once (small datasets: no per-step decoding)
     c.data.min_image_size = 8  # images with a shorter side are skipped (and counted as tiny_image)
     c.data.train_crop = "resize"  # one of TRAIN_CROPS: resize (whole image) | inception (random-resized crop)
@@ -283,7 +284,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
     "loss.contrastive_weight", "loss.caption_weight",
-    "data.num_workers", "data.prefetch", "model.text.eos_id", "model.text.pad_id",
+    "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
 )  # fmt: skip
 
 

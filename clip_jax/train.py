@@ -301,7 +301,8 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     config_lib.validate(cfg, jax.device_count())
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
-    data_it = pipeline.train_iterator(cfg)
+    # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.
+    data_it = pipeline.prefetch_to_device(pipeline.train_iterator(cfg), cfg.data.device_prefetch, mesh)
     graphdef, shardings, state = _restore_or_init(cfg, mesh, opt, ckpt, data_it)
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["params"])
@@ -338,8 +339,8 @@ def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef
     for step in range(start + 1, end + 1):
         batch = next(data_it)
         if step == cfg.debug.poison_step:  # test only (config.debug): a batch whose loss is NaN
-            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
-        state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+            batch = {**batch, "image": batch["image"] * jnp.nan}
+        state, metrics = step_fn(state, batch)
         averager.add(metrics, cfg.batch_size, step)
         if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
             jax.block_until_ready(metrics["loss"])

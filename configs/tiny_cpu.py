@@ -56,4 +56,5 @@ def get_config(arg: str = ""):
         c.data.name = c.eval.dataset = c.eval.templates = "clip_fashion_mnist"
     if "emoji" in opts:  # 64x64 renders, resized to 32x32 by the pipeline
         c.data.name, c.eval.dataset = "clip_emoji", ""
+        c.eval.retrieval_dataset, c.eval.retrieval_text_key = "clip_emoji", "caption"  # image<->name retrieval
     return c

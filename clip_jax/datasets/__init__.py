@@ -1,16 +1,9 @@
 """The embedded, offline image-caption datasets, as tfds builders.
 
-<<<<<<< HEAD
-Importing this package registers `clip_shapes`, `clip_digits` and `clip_shapes_captions` (retrieval) with tfds.
-All are generated locally (no download) and stored as ArrayRecord, so they
-are read with `tfds.data_source` / grain without TensorFlow:
-=======
-Importing this package registers `clip_shapes` and `clip_digits` (generated
-locally) and the demo sets `clip_fashion_mnist`, `clip_emoji` (from Debian
-packages, fetched without root when not installed) and `clip_skimage`
-(scikit-image's bundled photos) with tfds. All are stored as ArrayRecord, so
-they are read with `tfds.data_source` / grain without TensorFlow:
->>>>>>> h-data
+Importing this package registers `clip_shapes`, `clip_digits` and `clip_shapes_captions` (retrieval;
+generated locally) and the demo sets `clip_fashion_mnist`, `clip_emoji` (from Debian packages, fetched
+without root when not installed) and `clip_skimage` (scikit-image's bundled photos) with tfds. All are stored
+as ArrayRecord, so they are read with `tfds.data_source` / grain without TensorFlow:
 
     from clip_jax import datasets
     datasets.prepare("clip_shapes", "./tfds_data")   # once; fast if present
@@ -29,22 +22,15 @@ import os
 
 import tensorflow_datasets as tfds
 
-<<<<<<< HEAD
-from clip_jax.datasets import digits, local, shapes, shapes_captions
-=======
-from clip_jax.datasets import debian, digits, emoji, fashion, local, photos, shapes
->>>>>>> h-data
+from clip_jax.datasets import debian, digits, emoji, fashion, local, photos, shapes, shapes_captions
 
 BUILDERS = {
     "clip_shapes": shapes.ClipShapes,
     "clip_digits": digits.ClipDigits,
-<<<<<<< HEAD
     "clip_shapes_captions": shapes_captions.ClipShapesCaptions,  # retrieval: several captions per image
-=======
     "clip_fashion_mnist": fashion.ClipFashionMnist,
     "clip_emoji": emoji.ClipEmoji,
     "clip_skimage": photos.ClipSkimage,
->>>>>>> h-data
 }
 # The real-data demo sets (data/prepare.py --name demo); their sources are Debian packages and scikit-image.
 DEMO = ("clip_fashion_mnist", "clip_emoji", "clip_skimage")
