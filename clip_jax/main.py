@@ -27,7 +27,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-MODES = ("train", "eval")
+_FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this format (--model-dir -> --workdir).")
+_TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
+_MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
+MODES = ("train", "eval", "convert")
 
 
 def report(result: dict, cfg) -> str:
@@ -71,6 +74,8 @@ def main(argv):
     from clip_jax.checkpoint import CheckpointWriteError
     from clip_jax.evaluate import evaluate_checkpoint
 
+    if argv[1] == "convert":
+        return convert()
     cfg = _CONFIG.value
     try:
         config_lib.validate(cfg, jax.device_count())
@@ -88,6 +93,30 @@ def main(argv):
         print(report(result, cfg), flush=True)
         if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
             print(result["message"], flush=True)
+
+
+def convert():
+    """`convert --from hf --model-dir DIR --workdir OUT` or `convert --to hf --workdir OUT --model-dir DIR`."""
+    from clip_jax.convert import files, hf
+
+    if (_FROM.value is None) == (_TO.value is None) or not _MODEL_DIR.value:
+        raise app.UsageError("convert needs --model-dir and exactly one of --from=hf or --to=hf")
+    try:
+        if _FROM.value:
+            cfg, params = files.import_model(_MODEL_DIR.value)
+            files.write_checkpoint(cfg, params, _WORKDIR.value)
+            print(
+                f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
+                f"--config=configs/imported.py:{_WORKDIR.value})",
+                flush=True,
+            )
+        else:
+            cfg, params = files.read_checkpoint(_WORKDIR.value)
+            family = files.export_model(cfg, params, _MODEL_DIR.value)
+            print(f"exported {_WORKDIR.value} as an HF {family} model to {_MODEL_DIR.value}", flush=True)
+    except (hf.ConversionError, config_lib.ConfigError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
