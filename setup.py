@@ -35,5 +35,7 @@ setup(
         # tokenizers (HF): the independent reference the CLIP BPE tests compare against, token for token.
         "test": ["pytest==9.2.0", "tokenizers==0.23.3"],
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
+        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.
+        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0"],
     },
 )

@@ -204,6 +204,32 @@ def test_preprocessing_matches_the_hf_image_processors():
         assert diff <= 1e-4, (family, diff)
 
 
+def test_imported_checkpoint_evaluates_zero_shot(tmp_path):
+    """configs/imported.py:<workdir> rebuilds the config, and the standard evaluator runs on the checkpoint."""
+    import importlib.util
+
+    from clip_jax.evaluate import evaluate_checkpoint
+
+    _clip(2).save_pretrained(tmp_path / "hf")
+    cfg, params = files.import_model(str(tmp_path / "hf"))
+    work = str(tmp_path / "work")
+    files.write_checkpoint(cfg, params, work)
+    spec = importlib.util.spec_from_file_location("imported_cfg", os.path.join("configs", "imported.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg2 = module.get_config(work)
+    assert cfg2.to_dict() == cfg.to_dict()
+    cfg2.data.data_dir, cfg2.eval.dataset, cfg2.eval.templates = (
+        str(tmp_path / "tfds"),
+        "clip_shapes/small",
+        "plain",
+    )
+    cfg2.eval.max_examples, cfg2.eval.batch_size = 64, 64
+    result = evaluate_checkpoint(cfg2, work)
+    assert result["step"] == 0 and result["zero_shot"]["examples"] == 64
+
+
+@pytest.mark.slow
 def test_cli_import_then_eval_and_export(tmp_path):
     """The commands the README shows: convert --from hf, eval on the embedded set, convert --to hf."""
     model = _clip(2)
