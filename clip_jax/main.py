@@ -1,4 +1,5 @@
-"""Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`.
+"""Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`,
+and `convert --from hf --model-dir DIR --workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
 
 Only argument handling, multi-host start-up and the printed report live here; the work is in train.py and
 evaluate/.

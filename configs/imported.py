@@ -8,7 +8,7 @@ import os
 
 
 def get_config(arg: str = ""):
-    from clip_jax.convert import hf
+    from clip_jax.convert import hf_config
 
     if not arg:
         raise ValueError("use configs/imported.py:<workdir of the import>")
@@ -16,4 +16,4 @@ def get_config(arg: str = ""):
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; run `clip_jax.main convert --from hf` into {arg} first")
     with open(path) as f:
-        return hf.from_dict(json.load(f))
+        return hf_config.from_dict(json.load(f))

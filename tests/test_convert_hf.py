@@ -20,7 +20,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from flax import nnx  # noqa: E402
 
-from clip_jax.convert import files, hf  # noqa: E402
+from clip_jax.convert import files, hf, hf_config  # noqa: E402
 from clip_jax.input import ops  # noqa: E402
 from clip_jax.models import two_tower  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_unsupported_models_are_clear_errors(tmp_path):
         files.import_model(str(path))
     config = transformers.SiglipConfig(vision_config={"vision_use_head": False, "hidden_size": 32, **TOWER})
     with pytest.raises(hf.ConversionError, match="vision_use_head=False"):
-        hf.config_from_hf(config.to_dict())
+        hf_config.config_from_hf(config.to_dict())
     with pytest.raises(hf.ConversionError, match="no config.json"):
         files.import_model(str(tmp_path))
 
@@ -170,20 +170,20 @@ def test_export_refuses_configs_hf_cannot_represent():
 
     cfg = config_lib.base()  # our default two-tower: patch/projection biases, no ln_pre
     with pytest.raises(hf.ConversionError, match="model.image.proj_bias=True: HF clip needs False"):
-        hf.config_to_hf(cfg)
+        hf_config.config_to_hf(cfg)
     cfg.model.image.pool = "gap"
     with pytest.raises(hf.ConversionError, match="pool='gap'"):
-        hf.config_to_hf(cfg)
+        hf_config.config_to_hf(cfg)
 
 
 def test_weights_missing_a_layer_name_the_key(saved, tmp_path):
     name, model, path = saved
     state = {k: v for k, v in model.state_dict().items() if "layers.1.mlp.fc2.bias" not in k}
-    hf_config = files.read_hf_config(path)
-    cfg = hf.config_from_hf(hf_config)
+    hf_cfg = files.read_hf_config(path)
+    cfg = hf_config.config_from_hf(hf_cfg)
     abstract = files._pure(two_tower.abstract(cfg.model))
     with pytest.raises(hf.ConversionError, match=r"lack .*layers\.1\.mlp\.fc2\.bias"):
-        hf.params_from_hf({k: v.numpy() for k, v in state.items()}, hf_config["model_type"], abstract)
+        hf.params_from_hf({k: v.numpy() for k, v in state.items()}, hf_cfg["model_type"], abstract)
 
 
 def test_preprocessing_matches_the_hf_image_processors():

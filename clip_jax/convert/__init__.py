@@ -1,2 +1,2 @@
-"""Import/export of public checkpoints: HF transformers CLIPModel / SiglipModel (hf.py: the mapping; files.py:
-reading and writing model directories and clip_jax checkpoints)."""
+"""Import/export of public checkpoints: HF transformers CLIPModel / SiglipModel. hf.py maps the tensors,
+hf_config.py the configs, files.py reads and writes model directories and clip_jax checkpoints."""

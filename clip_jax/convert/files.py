@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from clip_jax.convert import hf
+from clip_jax.convert import hf, hf_config
 
 CONFIG_FILE = "config.json"  # the clip_jax config beside the checkpoint (configs/imported.py reads it)
 
@@ -81,10 +81,10 @@ def import_model(model_dir):
     """(clip_jax config, params as nested dict of np arrays) of the HF model in model_dir."""
     from clip_jax.models import two_tower
 
-    hf_config = read_hf_config(model_dir)
-    cfg = hf.config_from_hf(hf_config, read_preprocess(model_dir))
+    hf_cfg = read_hf_config(model_dir)
+    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir))
     abstract = _pure(two_tower.abstract(cfg.model))
-    params = hf.params_from_hf(read_hf_weights(model_dir), hf_config["model_type"], abstract)
+    params = hf.params_from_hf(read_hf_weights(model_dir), hf_cfg["model_type"], abstract)
     return cfg, params
 
 
@@ -139,7 +139,7 @@ def read_checkpoint(workdir):
         if step is None:
             raise hf.ConversionError(f"no checkpoint in {directory}")
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    cfg = hf.from_dict(saved)
+    cfg = hf_config.from_dict(saved)
     mesh = sharding.make_mesh(cfg)
     _, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint.Checkpointer(workdir, cfg)
@@ -150,12 +150,12 @@ def read_checkpoint(workdir):
 
 def export_model(cfg, params, model_dir):
     """Write config.json, model.safetensors and preprocessor_config.json that transformers loads."""
-    family, hf_config = hf.config_to_hf(cfg)
-    width = hf_config["vision_config"]["hidden_size"]
+    family, hf_cfg = hf_config.config_to_hf(cfg)
+    width = hf_cfg["vision_config"]["hidden_size"]
     state = hf.params_to_hf(params, family, hf.hf_shape_fixes(family, width))
     transformers, safetensors_numpy = _need("transformers"), _need("safetensors.numpy")
     cls = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig}[family]
-    config = cls(**hf_config)
+    config = cls(**hf_cfg)
     config.architectures = ["CLIPModel" if family == "clip" else "SiglipModel"]
     os.makedirs(model_dir, exist_ok=True)
     config.save_pretrained(model_dir)
