@@ -252,3 +252,16 @@ def test_cli_import_then_eval_and_export(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     r = run("convert", "--from=hf", f"--model-dir={tmp_path}", f"--workdir={tmp_path / 'w2'}")
     assert r.returncode == 2 and "error: " in r.stderr and "no config.json" in r.stderr
+
+
+def test_new_model_options_are_validated():
+    from clip_jax import config as config_lib
+
+    cfg = config_lib.base()
+    cfg.model.text.act = "relu"
+    with pytest.raises(config_lib.ConfigError, match="model.text.act"):
+        config_lib.validate(cfg, 8)
+    cfg = config_lib.base()
+    cfg.data.image_std = (0.5, 0.0, 0.5)
+    with pytest.raises(config_lib.ConfigError, match="data.image_std"):
+        config_lib.validate(cfg, 8)
