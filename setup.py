@@ -41,5 +41,7 @@ setup(
         "test": ["pytest==9.2.0", "tokenizers==0.23.3", "scikit-image==0.26.0", "fonttools==4.68.0"],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
+        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.
+        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0"],
     },
 )

@@ -18,7 +18,8 @@ TRAIN_CROPS = ("resize", "inception")  # data.train_crop (clip_jax/input/ops.py 
 EVAL_CROPS = ("resize", "centre")  # data.eval_crop
 DTYPES = ("float32", "bfloat16")
 IMAGE_POOLS = ("gap", "map", "cls")
-TEXT_POOLS = ("eos", "last", "first", "mean")
+TEXT_POOLS = ("eos", "last", "first", "mean", "argmax")
+ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")  # model.*.act (models/layers.py ACTIVATIONS)
 POSEMBS = ("learn", "sincos2d")
 SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
 NAN_POLICIES = ("stop", "skip")
@@ -73,6 +74,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.crop_min_area = 0.9  # inception crop's smallest area fraction (0.9: captions name the scene)
     c.data.flip = False  # random horizontal flips in training (off: captions can say left/right)
     c.data.eval_crop = "resize"  # one of EVAL_CROPS: resize (whole image) | centre (shorter side, centre square)
+    # Pixel normalisation (x/255 - mean) / std per RGB channel. The default maps to [-1, 1] (SigLIP's too);
+    # imported OpenAI CLIPs need their own statistics (convert/hf.py records them).
+    c.data.image_mean = (0.5, 0.5, 0.5)  # per-channel mean subtracted from pixels scaled to [0, 1]
+    c.data.image_std = (0.5, 0.5, 0.5)  # per-channel std the centred pixels are divided by
     c.data.mixture = ""  # train on several tfds sets: 'name:weight,name:weight' (overrides data.name; same keys)
 
     c.tokenizer = ml_collections.ConfigDict()
@@ -99,6 +104,11 @@ def base() -> ml_collections.ConfigDict:
     c.model.image.posemb = "learn"  # learn | sincos2d
     c.model.image.proj = True  # linear projection to embed_dim
     c.model.image.remat = ""  # this tower's remat policy ('' = model.remat)
+    c.model.image.proj_bias = True  # the projection has a bias (OpenAI CLIP's has none)
+    c.model.image.patch_bias = True  # the patch embedding has a bias (OpenAI CLIP's has none)
+    c.model.image.pre_ln = False  # LayerNorm on the embedded tokens before the first block (OpenAI CLIP's ln_pre)
+    c.model.image.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
+    c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
     c.model.text = ml_collections.ConfigDict()
     c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
     c.model.text.width = -1  # -1 = from the variant
@@ -108,11 +118,15 @@ def base() -> ml_collections.ConfigDict:
     c.model.text.vocab_size = 49408  # token vocabulary size (the tokenizer must agree)
     c.model.text.max_len = 77  # tokens per caption, start and end tokens included
     c.model.text.causal = True  # causal (CLIP) or bidirectional (SigLIP) attention
-    c.model.text.pool = "eos"  # eos | last | first | mean
+    c.model.text.pool = "eos"  # eos | last | first | mean | argmax (largest id: HF CLIP's legacy EOS rule)
     c.model.text.eos_id = 49407  # end-of-text id (pooling position for 'eos')
     c.model.text.pad_id = 0  # padding id
     c.model.text.proj = True  # linear projection to embed_dim
     c.model.text.remat = ""  # this tower's remat policy ('' = model.remat)
+    c.model.text.proj_bias = True  # the projection has a bias (SigLIP's head has one, OpenAI CLIP's has none)
+    c.model.text.mask_padding = True  # bidirectional towers ignore padding (False: attend to it, as SigLIP's)
+    c.model.text.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
+    c.model.text.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -232,6 +246,8 @@ def validate(cfg, num_devices: int) -> None:
     _choice(cfg, "model.remat", REMAT_POLICIES)
     _choice(cfg, "model.image.remat", REMAT_POLICIES + ("",))
     _choice(cfg, "model.text.remat", REMAT_POLICIES + ("",))
+    _choice(cfg, "model.image.act", ACTIVATIONS)
+    _choice(cfg, "model.text.act", ACTIVATIONS)
     size, _, patch = cfg.model.image.variant.partition("/")
     if size not in SIZES or not patch.isdigit():
         raise ConfigError(
@@ -280,6 +296,7 @@ _POSITIVE = (
     "batch_size", "total_steps", "accum_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
     "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
     "eval.retrieval_tile", "eval.probe_c",
+    "model.image.ln_eps", "model.text.ln_eps",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
@@ -296,6 +313,9 @@ def _check_ranges(cfg) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
+    for key in ("data.image_mean", "data.image_std"):
+        if len(flat[key]) != 3 or (key.endswith("std") and min(flat[key]) <= 0):
+            raise ConfigError(f"config key '{key}' must be 3 numbers (R, G, B){' > 0' * key.endswith('std')}")
     for key in ("optim.b1", "optim.b2"):
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")

@@ -1,4 +1,5 @@
-"""Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`.
+"""Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`,
+and `convert --from hf --model-dir DIR --workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
 
 `eval` runs the configured evaluators on the latest checkpoint of --workdir (or on --checkpoint) and writes
 DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval.
@@ -42,7 +43,10 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (where not auto-detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (where not auto-detected).")
-MODES = ("train", "eval")
+_FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this format (--model-dir -> --workdir).")
+_TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
+_MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
+MODES = ("train", "eval", "convert")
 
 
 def report(result: dict, cfg) -> str:
@@ -112,6 +116,8 @@ def main(argv):
     from clip_jax.checkpoint import CheckpointWriteError
     from clip_jax.evaluate import evaluate_checkpoint
 
+    if argv[1] == "convert":
+        return convert()
     cfg = _CONFIG.value
     try:
         config_lib.validate(cfg, jax.device_count())
@@ -132,6 +138,30 @@ def main(argv):
         print(report(result, cfg), flush=True)
         if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
             print(result["message"], flush=True)
+
+
+def convert():
+    """`convert --from hf --model-dir DIR --workdir OUT` or `convert --to hf --workdir OUT --model-dir DIR`."""
+    from clip_jax.convert import files, hf
+
+    if (_FROM.value is None) == (_TO.value is None) or not _MODEL_DIR.value:
+        raise app.UsageError("convert needs --model-dir and exactly one of --from=hf or --to=hf")
+    try:
+        if _FROM.value:
+            cfg, params = files.import_model(_MODEL_DIR.value)
+            files.write_checkpoint(cfg, params, _WORKDIR.value)
+            print(
+                f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
+                f"--config=configs/imported.py:{_WORKDIR.value})",
+                flush=True,
+            )
+        else:
+            cfg, params = files.read_checkpoint(_WORKDIR.value)
+            family = files.export_model(cfg, params, _MODEL_DIR.value)
+            print(f"exported {_WORKDIR.value} as an HF {family} model to {_MODEL_DIR.value}", flush=True)
+    except (hf.ConversionError, config_lib.ConfigError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Image geometry for training and evaluation: uint8 HxWx3 in, float32 [size, size, 3] in [-1, 1] out.
+"""Image geometry for training and evaluation: uint8 HxWx3 in, float32 [size, size, 3] out, normalised as
+(x/255 - mean) / std per channel: [-1, 1] with the default mean = std = 0.5 (data.image_mean / data.image_std).
 
 Training: `resize` squashes the whole image to a square (what the embedded sets need: their captions name
 positions, and every pixel is at the final size already), or `inception` takes CLIP's random-resized crop (a
@@ -13,14 +14,18 @@ from PIL import Image
 
 TRAIN_CROPS = ("resize", "inception")
 EVAL_CROPS = ("resize", "centre")
-# Images are scaled to [-1, 1]: the towers learn their own input statistics, and this is exact for uint8.
-_SCALE = 2.0 / 255.0
+# By default images are scaled to [-1, 1]: the towers learn their own input statistics, and this is exact for
+# uint8. Imported models need the statistics they were trained with (e.g. OpenAI CLIP's).
+DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
 _ASPECT = (3 / 4, 4 / 3)  # the crop's width/height range (log-uniform), as in Inception and CLIP
 _TRIES = 10  # random crop proposals before falling back to the centre crop
 
 
-def to_float(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float32) * _SCALE - 1.0
+def to_float(image: np.ndarray, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
+    # One multiply-add, x * 1/(255 std) - mean/std; with mean = std = 0.5 that is x * 2/255 - 1 bit for bit.
+    scale = np.asarray([1.0 / (255.0 * s) for s in std], np.float32)
+    offset = np.asarray([m / s for m, s in zip(mean, std)], np.float32)
+    return image.astype(np.float32) * scale - offset
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -68,13 +73,22 @@ def inception_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_a
     return resize(np.ascontiguousarray(image[top : top + ch, left : left + cw]), size)
 
 
-def train_view(image: np.ndarray, size: int, rng: np.random.Generator, crop: str, min_area: float, flip: bool):
-    """One training view of a uint8 image, as float32 in [-1, 1]."""
+def train_view(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    crop: str,
+    min_area: float,
+    flip: bool,
+    mean=DEFAULT_MEAN,
+    std=DEFAULT_STD,
+):
+    """One training view of a uint8 image, as normalised float32."""
     out = inception_crop(image, size, rng, min_area) if crop == "inception" else resize(image, size)
     if flip and rng.random() < 0.5:
         out = out[:, ::-1]
-    return to_float(out)
+    return to_float(out, mean, std)
 
 
-def eval_view(image: np.ndarray, size: int, crop: str) -> np.ndarray:
-    return to_float(centre_crop(image, size) if crop == "centre" else resize(image, size))
+def eval_view(image: np.ndarray, size: int, crop: str, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
+    return to_float(centre_crop(image, size) if crop == "centre" else resize(image, size), mean, std)

@@ -105,6 +105,7 @@ class _Preprocess(grain.transforms.MapWithIndex):
         self.seed, self.size = cfg.seed, cfg.model.image.image_size
         self.host, self.hosts = jax.process_index(), jax.process_count()
         self.random_view = d.train_crop != "resize" or d.flip
+        self.mean, self.std = d.image_mean, d.image_std
         self.tok = tokenizer_lib.make(cfg)
 
     def map_with_index(self, index, record):
@@ -122,7 +123,7 @@ class _Preprocess(grain.transforms.MapWithIndex):
         rgb, more = decode.image(field(record, self.image_key), self.size, self.min_side)
         if rgb is None:
             return {"_issues": bits | more}
-        image = ops.train_view(rgb, self.size, rng, self.crop, self.min_area, self.flip)
+        image = ops.train_view(rgb, self.size, rng, self.crop, self.min_area, self.flip, self.mean, self.std)
         return {"image": image, "tokens": self.tok.encode(text), "_issues": bits | more}
 
 
@@ -388,7 +389,9 @@ def eval_batches(cfg, *, batch_size: int, num_devices: int):
                 batch["mask"][j] = 0.0
                 log.warning("eval image %d skipped: %s", idx[j], ", ".join(decode.issue_names(bits)))
             else:
-                batch["image"][j] = ops.eval_view(rgb, size, cfg.data.eval_crop)
+                batch["image"][j] = ops.eval_view(
+                    rgb, size, cfg.data.eval_crop, cfg.data.image_mean, cfg.data.image_std
+                )
         if records and "unseen" in records[0]:
             batch["unseen"] = np.zeros((local,), np.float32)
             batch["unseen"][:n] = [float(r["unseen"]) for r in records]

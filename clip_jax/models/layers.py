@@ -8,6 +8,7 @@ Conventions:
   float32, because those are where bf16 loses the most precision.
 """
 
+import functools
 import math
 
 import jax
@@ -32,6 +33,26 @@ SIZES = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's sigmoid approximation of gelu; its weights were trained with it, so imports must keep it."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by config name. gelu_tanh is jax.nn.gelu's default (HF calls it gelu_pytorch_tanh / gelu_new,
+# SigLIP's); gelu is the exact erf form (HF "gelu", LAION CLIPs); quick_gelu is OpenAI CLIP's.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r}; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def compute_dtype(name):
@@ -97,16 +118,17 @@ def ones(key, shape, dtype):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias, computed in `dtype`."""
+    """y = x @ kernel (+ bias), computed in `dtype`. use_bias=False has no bias parameter at all (OpenAI CLIP's
+    projections and patch embedding), so an imported model holds exactly the source's weights."""
 
-    def __init__(self, d_in, d_out, names, *, dtype, rngs, init=nnx.initializers.xavier_uniform()):
+    def __init__(self, d_in, d_out, names, *, dtype, rngs, init=nnx.initializers.xavier_uniform(), use_bias=True):
         self.dtype = dtype
         self.kernel = param(rngs, init, (d_in, d_out), names)
-        self.bias = param(rngs, zeros, (d_out,), names[1:])
+        self.bias = param(rngs, zeros, (d_out,), names[1:]) if use_bias else None
 
     def __call__(self, x):
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -126,14 +148,16 @@ class LayerNorm(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """Dense(width->mlp) -> gelu -> Dense(mlp->width)."""
+    """Dense(width->mlp) -> activation (see ACTIVATIONS) -> Dense(mlp->width)."""
 
-    def __init__(self, width, mlp_dim, *, dtype, rngs):
+    def __init__(self, width, mlp_dim, *, dtype, rngs, act="gelu_tanh"):
+        activation(act)  # fails here, at build time, on an unknown name
+        self.act = act  # the name, not the function: static module attributes stay plain data
         self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x)))
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
 
 
 class Attention(nnx.Module):
@@ -174,11 +198,11 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
     """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
-        self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs)
+    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs, ln_eps=1e-6, act="gelu_tanh"):
+        self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs, eps=ln_eps)
         self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs, eps=ln_eps)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs, act=act)
 
     def __call__(self, x, mask=None):
         y = self.ln1(x)
@@ -206,19 +230,21 @@ class Encoder(nnx.Module):
     backward pass; the rest is recomputed.
     """
 
-    def __init__(self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs, scan=True):
+    def __init__(
+        self, width, depth, mlp_dim, num_heads, *, dtype, remat, rngs, scan=True, ln_eps=1e-6, act="gelu_tanh"
+    ):
         self.remat = {True: "full", False: "none"}.get(remat, remat)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
         self.scan, self.depth = scan, depth
         make = nnx.vmap(
-            lambda key: Block(width, mlp_dim, num_heads, dtype=dtype, rngs=KeyStream(key)),
+            lambda key: Block(width, mlp_dim, num_heads, dtype=dtype, rngs=KeyStream(key), ln_eps=ln_eps, act=act),
             in_axes=0,
             out_axes=0,
             transform_metadata={nnx.PARTITION_NAME: None},
         )
         self.blocks = make(jax.random.split(rngs.params(), depth))
-        self.ln_final = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.ln_final = LayerNorm(width, dtype=dtype, rngs=rngs, eps=ln_eps)
 
     def __call__(self, x, mask=None):
         graphdef, stacked = nnx.split(self.blocks)
@@ -239,11 +265,11 @@ class Encoder(nnx.Module):
 class MAPHead(nnx.Module):
     """Multi-head attention pooling: a learned probe attends over the tokens, then a residual MLP."""
 
-    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs):
+    def __init__(self, width, mlp_dim, num_heads, *, dtype, rngs, ln_eps=1e-6, act="gelu_tanh"):
         self.probe = param(rngs, nnx.initializers.normal(0.02), (width,), ("embed",))
         self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.ln = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.ln = LayerNorm(width, dtype=dtype, rngs=rngs, eps=ln_eps)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs, act=act)
 
     def __call__(self, x):
         probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, x.shape[-1]))

@@ -5,7 +5,8 @@ from flax import nnx
 
 from clip_jax.models import layers
 
-POOLS = ("eos", "last", "first", "mean")
+# argmax: the position of the largest token id, HF CLIPs' legacy EOS rule (their end token is the largest id).
+POOLS = ("eos", "last", "first", "mean", "argmax")
 
 
 class TextTransformer(nnx.Module):
@@ -23,6 +24,10 @@ class TextTransformer(nnx.Module):
             raise ValueError(f"model.text.proj=False needs width == embed_dim, got {width} != {embed_dim}")
         self.dtype, self.max_len, self.causal, self.pool = dtype, cfg.max_len, cfg.causal, cfg.pool
         self.eos_id, self.pad_id = cfg.eos_id, cfg.pad_id
+        # SigLIP's text tower was trained attending to its padding (big_vision and HF pass no mask), so its
+        # weights need mask_padding=False to give the same embeddings.
+        self.mask_padding = cfg.get("mask_padding", True)
+        ln_eps, act = cfg.get("ln_eps", 1e-6), cfg.get("act", "gelu_tanh")
         # CLIP's initialisation: std 0.02 for tokens, 0.01 for positions.
         self.token_embedding = layers.param(
             rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, width), ("vocab", "embed")
@@ -39,12 +44,19 @@ class TextTransformer(nnx.Module):
             remat=remat,
             rngs=rngs,
             scan=scan,
+            ln_eps=ln_eps,
+            act=act,
         )
-        # With a bias (as big_vision's heads and SigLIP's text head); OpenAI CLIP's bias-free projection imports
-        # as a zero bias.
+        # With a bias by default (as SigLIP's text head); OpenAI CLIP's projection has none (proj_bias=False).
         self.proj = (
             layers.Dense(
-                width, embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, init=nnx.initializers.lecun_normal()
+                width,
+                embed_dim,
+                ("embed", "joint"),
+                dtype=dtype,
+                rngs=rngs,
+                init=nnx.initializers.lecun_normal(),
+                use_bias=cfg.get("proj_bias", True),
             )
             if cfg.proj
             else None
@@ -54,6 +66,8 @@ class TextTransformer(nnx.Module):
         length = tokens.shape[1]
         if self.causal:
             return jnp.tril(jnp.ones((length, length), bool))[None, None]
+        if not self.mask_padding:
+            return None
         # Bidirectional: nobody attends to padding, so extra trailing pads change nothing.
         return self._valid(tokens)[:, None, None, :]
 
@@ -78,6 +92,9 @@ class TextTransformer(nnx.Module):
             return x[:, 0]
         if self.pool == "last":
             return x[:, -1]
+        if self.pool == "argmax":
+            idx = jnp.argmax(tokens, axis=1)  # the first position holding the largest id, as torch.argmax
+            return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         if self.pool == "mean":
             keep = self._valid(tokens)[..., None].astype(jnp.float32)
             total = jnp.sum(x.astype(jnp.float32) * keep, axis=1)

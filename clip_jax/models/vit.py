@@ -1,4 +1,5 @@
-"""ViT image tower: patches -> position embeddings -> pre-LN encoder -> pooling -> optional projection."""
+"""ViT image tower: patches -> position embeddings -> (optional LayerNorm) -> pre-LN encoder -> pooling ->
+optional projection."""
 
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +30,8 @@ class ViT(nnx.Module):
         self.dtype, self.width, self.patch = dtype, width, patch
         self.image_size, self.pool, self.posemb = cfg.image_size, cfg.pool, cfg.posemb
         self.grid = cfg.image_size // patch
+        # Options that imported models need (HF CLIP / SigLIP); .get keeps sub-configs written before them working.
+        ln_eps, act = cfg.get("ln_eps", 1e-6), cfg.get("act", "gelu_tanh")
         # A stride-p conv with a p x p kernel is exactly a Dense on flattened (row, col, channel) patches.
         self.patch_embed = layers.Dense(
             patch * patch * 3,
@@ -37,6 +40,7 @@ class ViT(nnx.Module):
             dtype=dtype,
             rngs=rngs,
             init=nnx.initializers.lecun_normal(),
+            use_bias=cfg.get("patch_bias", True),
         )
         with_cls = cfg.pool == "cls"
         normal = nnx.initializers.normal(0.02)
@@ -44,6 +48,10 @@ class ViT(nnx.Module):
         n_pos = self.grid * self.grid + with_cls
         self.pos_embedding = (
             layers.param(rngs, normal, (n_pos, width), ("pos", "embed")) if cfg.posemb == "learn" else None
+        )
+        # OpenAI CLIP normalises the embedded tokens before the first block (its ln_pre / HF's pre_layrnorm).
+        self.ln_pre = (
+            layers.LayerNorm(width, dtype=dtype, rngs=rngs, eps=ln_eps) if cfg.get("pre_ln", False) else None
         )
         self.encoder = layers.Encoder(
             width,
@@ -54,17 +62,26 @@ class ViT(nnx.Module):
             remat=remat,
             rngs=rngs,
             scan=scan,
+            ln_eps=ln_eps,
+            act=act,
         )
         self.map_head = (
-            layers.MAPHead(width, dims["mlp_dim"], dims["num_heads"], dtype=dtype, rngs=rngs)
+            layers.MAPHead(
+                width, dims["mlp_dim"], dims["num_heads"], dtype=dtype, rngs=rngs, ln_eps=ln_eps, act=act
+            )
             if cfg.pool == "map"
             else None
         )
-        # With a bias (as big_vision's heads and SigLIP's text head); OpenAI CLIP's bias-free projection imports
-        # as a zero bias.
+        # With a bias by default (as big_vision's heads); OpenAI CLIP's projection has none (proj_bias=False).
         self.proj = (
             layers.Dense(
-                width, embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, init=nnx.initializers.lecun_normal()
+                width,
+                embed_dim,
+                ("embed", "joint"),
+                dtype=dtype,
+                rngs=rngs,
+                init=nnx.initializers.lecun_normal(),
+                use_bias=cfg.get("proj_bias", True),
             )
             if cfg.proj
             else None
@@ -89,6 +106,8 @@ class ViT(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding[...].astype(self.dtype)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         return self.encoder(x)
 
     def __call__(self, images):
