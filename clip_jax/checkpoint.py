@@ -8,6 +8,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from clip_jax import config as config_lib
 from clip_jax import optim
@@ -23,9 +24,11 @@ class CheckpointWriteError(RuntimeError):
 
 class Checkpointer:
     def __init__(self, workdir: str, cfg):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # A URL (gs://bucket/run: a pod's hosts must all see the workdir) is used as given; a local path absolute.
+        root = workdir if "://" in workdir else os.path.abspath(workdir)
+        self.directory = os.path.join(root, "checkpoints")
         # Frozen parameters (optim.freeze) never change: written once here, not into every step's checkpoint.
-        self.frozen_directory = os.path.join(os.path.abspath(workdir), "frozen_params")
+        self.frozen_directory = os.path.join(root, "frozen_params")
         self._attempted = []  # steps whose save was started: a failure is named by the first one not on disk
         # Orbax writes into a temporary folder and renames it when complete, so a crash mid-save (even kill -9)
         # leaves the previous checkpoint as the latest valid one; leftover temporary folders are removed here.
@@ -44,7 +47,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state, cfg, *, force: bool = False) -> bool:
         trainable, frozen = optim.split(state["params"], optim.frozen_paths(cfg, state["params"]))
-        if frozen and not os.path.isdir(self.frozen_directory):
+        if frozen and not epath.Path(self.frozen_directory).exists():
             with self._write_errors():
                 writer = ocp.StandardCheckpointer()
                 writer.save(self.frozen_directory, frozen)

@@ -85,3 +85,21 @@ def test_freeze_mistakes_are_config_errors(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="holds no checkpoint"):
         train.run(cfg, str(tmp_path / "w"))
     del opt
+
+
+def test_lit_config_locks_the_image_encoder_but_not_its_projection():
+    import importlib
+
+    from clip_jax.models import two_tower
+    from flax import nnx
+
+    lit_b16 = importlib.import_module("configs.lit_b16")
+    cfg = lit_b16.get_config("/some/pretrained/run")
+    config_lib.validate(cfg, 8)
+    params = nnx.to_pure_dict(nnx.state(two_tower.abstract(cfg.model), nnx.Param))
+    frozen = optim.frozen_paths(cfg, params)
+    image = [p for p in optim.param_paths(params) if p.startswith("image/")]
+    assert {p for p in image if not p.startswith("image/proj/")} == frozen
+    assert any(p.startswith("image/proj/") for p in image)
+    with pytest.raises(ValueError, match="needs the pretrained run"):
+        lit_b16.get_config()
