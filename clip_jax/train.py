@@ -22,10 +22,10 @@ from clip_jax import config as config_lib
 from clip_jax import losses, optim, sharding
 from clip_jax.evaluate import zero_shot
 from clip_jax.input import pipeline
-from clip_jax.models import two_tower
+from clip_jax.models import coca, two_tower
 
 # Model family -> constructor. An explicit table: adding a family is one line here plus its module.
-MODELS = {"two_tower": two_tower.TwoTower}
+MODELS = {"two_tower": two_tower.TwoTower, "coca": coca.CoCa}
 
 
 class TrainingError(RuntimeError):
@@ -44,7 +44,9 @@ USER_ERRORS = (
 
 def build_model(cfg, seed: int):
     if cfg.model.family not in MODELS:
-        raise config_lib.ConfigError(f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}")
+        raise config_lib.ConfigError(
+            f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}"
+        )
     return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
 
 
