@@ -44,9 +44,7 @@ USER_ERRORS = (
 
 def build_model(cfg, seed: int):
     if cfg.model.family not in MODELS:
-        raise config_lib.ConfigError(
-            f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}"
-        )
+        raise config_lib.ConfigError(f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}")
     return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
 
 
