@@ -27,7 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-MODES = ("train", "eval")
+_IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comma-separated).")
+MODES = ("train", "eval", "caption")
 
 
 def report(result: dict, cfg) -> str:
@@ -74,7 +75,16 @@ def main(argv):
     cfg = _CONFIG.value
     try:
         config_lib.validate(cfg, jax.device_count())
-        result = train.run(cfg, _WORKDIR.value) if argv[1] == "train" else evaluate_checkpoint(cfg, _WORKDIR.value)
+        if argv[1] == "caption":
+            from clip_jax.evaluate import captioning
+
+            if not _IMAGES.value:
+                raise app.UsageError("caption needs --images=a.png,b.jpg")
+            result = captioning.caption_files(cfg, _WORKDIR.value, _IMAGES.value)
+        elif argv[1] == "train":
+            result = train.run(cfg, _WORKDIR.value)
+        else:
+            result = evaluate_checkpoint(cfg, _WORKDIR.value)
     except train.USER_ERRORS as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -84,7 +94,11 @@ def main(argv):
             logging.flush()
             os._exit(2)
         sys.exit(2)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "captions" in result:
+        print(f"captions by the checkpoint at step {result['step']} (beam {cfg.caption.beam_size}):")
+        for path, text, score in result["captions"]:
+            print(f"{path}\t{text}\t(score {score:.3f})", flush=True)
+    elif jax.process_index() == 0:
         print(report(result, cfg), flush=True)
         if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
             print(result["message"], flush=True)

@@ -114,6 +114,16 @@ class CoCa(nnx.Module):
         """(targets [B, L-1], weights [B, L-1] bool): tokens[:, 1:], scored up to and including the end token."""
         return tokens[:, 1:], self.text._valid(tokens)[:, 1:]
 
+    def _caption_nll(self, memory, unimodal, tokens):
+        h = self.decoder(unimodal[:, :-1], memory)
+        targets, weights = self.caption_targets(tokens)
+        return captioning.caption_nll(h, self._head(), targets, weights, chunk=self.chunk)
+
+    def caption_loss(self, images, tokens):
+        """(sum of token NLLs, tokens scored) of the captions `tokens` given `images`, teacher-forced. A row of
+        padding only scores nothing (the evaluator pads with such rows)."""
+        return self._caption_nll(self.caption_memory(images), self.text.features(tokens), tokens)
+
     # --- the trainer's interface --------------------------------------------------------------------------------
     def encode_image(self, images):
         """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm."""
@@ -127,9 +137,7 @@ class CoCa(nnx.Module):
         """img, txt [B, embed_dim] (unit norm), log_t, bias, caption_nll (sum over scored tokens), caption_tokens."""
         patches = self.image.features(images)
         unimodal = self.text.features(tokens)
-        h = self.decoder(unimodal[:, :-1], self.caption_pooler(patches))
-        targets, weights = self.caption_targets(tokens)
-        nll, count = captioning.caption_nll(h, self._head(), targets, weights, chunk=self.chunk)
+        nll, count = self._caption_nll(self.caption_pooler(patches), unimodal, tokens)
         return {
             "img": self._image_embedding(patches),
             "txt": self._text_embedding(unimodal, tokens),
