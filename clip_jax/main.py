@@ -40,6 +40,10 @@ def report(result: dict, cfg) -> str:
         lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
     if "loss" in result:
         lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
+    if "caption_loss" in result:
+        lines.append(
+            f"  contrastive loss {result['contrastive_loss']:.4f}, caption loss {result['caption_loss']:.4f} per token"
+        )
     zs = result.get("zero_shot")
     if zs:
         lines.append(
