@@ -127,6 +127,14 @@ def base() -> ml_collections.ConfigDict:
     c.model.text.mask_padding = True  # bidirectional towers ignore padding (False: attend to it, as SigLIP's)
     c.model.text.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
     c.model.text.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
+    # CoCa (model.family='coca'): model.text is the unimodal decoder (causal; its 'eos' output is the text
+    # embedding), model.image the ViT whose tokens the attentional poolers read (its pool/proj are not used).
+    c.model.coca = ml_collections.ConfigDict()
+    c.model.coca.decoder_depth = -1  # multimodal (cross-attending) decoder layers (-1 = model.text's depth)
+    c.model.coca.num_queries = 256  # queries of the decoder's attentional pooler (the contrastive one has 1)
+    c.model.coca.pooler_heads = -1  # heads of both attentional poolers (-1 = model.image's num_heads)
+    c.model.coca.tie_embedding = True  # vocabulary head = the token embedding table, transposed
+    c.model.coca.caption_chunk = 8  # caption positions per chunk of the cross-entropy (bounds the live logits)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
@@ -171,6 +179,16 @@ def base() -> ml_collections.ConfigDict:
     c.eval.probe_label_key = "label"  # label feature of the probe set
     c.eval.probe_max_examples = 10_000  # cap on images per probe split (-1 = whole split)
     c.eval.probe_c = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
+
+    # Caption generation (the `caption` command and the captioning evaluator; families that caption: coca).
+    c.caption = ml_collections.ConfigDict()
+    c.caption.beam_size = 4  # beams of the caption search (1 = greedy decoding)
+    c.caption.length_penalty = 0.6  # beams ranked by log-prob / length**length_penalty (0 = raw log-prob)
+    c.caption.max_len = -1  # longest caption in tokens, start and end included (-1 = model.text.max_len)
+    c.caption.dataset = ""  # tfds set with captions for the captioning evaluator ('' = off), e.g. clip_shapes
+    c.caption.split = "test"  # its split
+    c.caption.max_examples = 512  # cap on images scored (-1 = the whole split)
+    c.caption.batch_size = 128  # images per generation step (a multiple of the device count)
 
     # Fault injection for the reliability tests; leave at the defaults in real runs.
     c.debug = ml_collections.ConfigDict()
@@ -289,6 +307,8 @@ def validate(cfg, num_devices: int) -> None:
             f"use a multiple of {num_devices}"
         )
     _check_model(cfg)
+    if cfg.model.family == "coca":
+        _check_coca(cfg, num_devices)
 
 
 # Keys that must be > 0, and keys that must be >= 0 (0 means "off" or "none" for them).
@@ -343,6 +363,29 @@ def _check_model(cfg) -> None:
             raise ConfigError(
                 f"model.{tower}.width={sub.width} does not split into model.{tower}.num_heads={sub.num_heads}"
             )
+
+
+def _check_coca(cfg, num_devices: int) -> None:
+    """CoCa's text tower is a decoder: it must be causal (no look-ahead) and generation must fit its positions."""
+    text, coca, cap = cfg.model.text, cfg.model.coca, cfg.caption
+    if not text.causal:
+        raise ConfigError("model.family='coca' needs model.text.causal=True (the text tower is a decoder)")
+    if text.max_len < 2:
+        raise ConfigError(f"model.text.max_len={text.max_len}: a caption needs at least start and end tokens")
+    for key in ("num_queries", "caption_chunk"):
+        if coca[key] <= 0:
+            raise ConfigError(f"config key 'model.coca.{key}' must be positive, got {coca[key]}")
+    if cap.beam_size < 1:
+        raise ConfigError(f"config key 'caption.beam_size' must be >= 1, got {cap.beam_size}")
+    if cap.max_len > text.max_len or cap.max_len in (0, 1):
+        raise ConfigError(
+            f"config key 'caption.max_len' is {cap.max_len}; use 2..model.text.max_len={text.max_len}, or -1"
+        )
+    if cap.dataset and cap.batch_size % num_devices:
+        raise ConfigError(
+            f"caption.batch_size={cap.batch_size} does not divide over the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+        )
 
 
 def model_fingerprint(cfg) -> dict:

@@ -46,7 +46,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wh
 _FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this format (--model-dir -> --workdir).")
 _TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
 _MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
-MODES = ("train", "eval", "convert")
+_IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comma-separated).")
+MODES = ("train", "eval", "convert", "caption")
 
 
 def report(result: dict, cfg) -> str:
@@ -58,6 +59,10 @@ def report(result: dict, cfg) -> str:
         lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
     if "loss" in result:
         lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
+    if "caption_loss" in result:
+        lines.append(
+            f"  contrastive loss {result['contrastive_loss']:.4f}, caption loss {result['caption_loss']:.4f} per token"
+        )
     zs = result.get("zero_shot")
     if zs:
         lines.append(
@@ -88,6 +93,13 @@ def report(result: dict, cfg) -> str:
         lines.append(
             f"  linear probe on {cfg.eval.probe_dataset} ({pr['train_examples']} train / {pr['examples']} test "
             f"images): top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
+        )
+    metrics = result.get("eval") or result.get("metrics") or {}  # after train / after eval
+    cap = {k[len("captioning/") :]: v for k, v in metrics.items() if k.startswith("captioning/")}
+    if cap:
+        lines.append(
+            f"  captioning on {cfg.caption.dataset}/{cfg.caption.split} ({cap['examples']} images): perplexity "
+            f"{cap['perplexity']:.2f}, CIDEr-D {cap['cider']:.3f}"
         )
     if "json" in result:
         lines.append(f"  written to {result['json']}")
@@ -121,7 +133,13 @@ def main(argv):
     cfg = _CONFIG.value
     try:
         config_lib.validate(cfg, jax.device_count())
-        if argv[1] == "train":
+        if argv[1] == "caption":
+            from clip_jax.evaluate import captioning
+
+            if not _IMAGES.value:
+                raise app.UsageError("caption needs --images=a.png,b.jpg")
+            result = captioning.caption_files(cfg, _WORKDIR.value, _IMAGES.value)
+        elif argv[1] == "train":
             result = train.run(cfg, _WORKDIR.value)
         else:
             result = evaluate_checkpoint(cfg, _WORKDIR.value or "", checkpoint=_CHECKPOINT.value)
@@ -134,7 +152,11 @@ def main(argv):
             logging.flush()
             os._exit(2)
         sys.exit(2)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "captions" in result:
+        print(f"captions by the checkpoint at step {result['step']} (beam {cfg.caption.beam_size}):")
+        for path, text, score in result["captions"]:
+            print(f"{path}\t{text}\t(score {score:.3f})", flush=True)
+    elif jax.process_index() == 0:
         print(report(result, cfg), flush=True)
         if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
             print(result["message"], flush=True)

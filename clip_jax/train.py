@@ -21,10 +21,10 @@ from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import evaluate, grad_cache, losses, optim, sharding, warm_start
 from clip_jax.input import pipeline
-from clip_jax.models import two_tower
+from clip_jax.models import coca, two_tower
 
 # Model family -> constructor. An explicit table: adding a family is one line here plus its module.
-MODELS = {"two_tower": two_tower.TwoTower}
+MODELS = {"two_tower": two_tower.TwoTower, "coca": coca.CoCa}
 
 
 class TrainingError(RuntimeError):

@@ -1,5 +1,6 @@
 """Multi-host training, simulated: 2 local processes x 4 CPU devices (collectives over localhost via gloo) train
-the same config and seed as 1 process x 8 devices, and end with the same loss and the same parameters."""
+the same config and seed as 1 process x 8 devices, and end with the same loss, the same parameters and the same
+zero-shot result (the evaluators run on every process)."""
 
 import os
 import re
@@ -25,7 +26,7 @@ def _overrides(cfg) -> list[str]:
     keys = (
         "data.data_dir", "data.name", "eval.dataset", "batch_size", "total_steps", "model.image.depth",
         "model.text.depth", "log_every", "ckpt_every", "eval_every", "optim.warmup_steps", "data.train_crop",
-        "data.flip",
+        "data.flip", "eval.batch_size",
     )  # fmt: skip
     out = []
     for key in keys:
@@ -57,7 +58,6 @@ def runs(tmp_path_factory):
     # Random crops and flips are on, so the test also checks that augmentation does not depend on the host count.
     cfg = small_config(data_dir, total_steps=STEPS, log_every=2)
     cfg.data.train_crop, cfg.data.flip = "inception", True
-    cfg.eval.dataset = ""
     one = tmp_path_factory.mktemp("one_process")
     single = train.run(cfg, str(one))  # also prepares the dataset the subprocesses read
 
@@ -96,6 +96,9 @@ def test_two_processes_equal_one(runs):
     assert "clip_jax report" in outs[0] and "clip_jax report" not in outs[1]
     loss_two = float(re.search(r"final train loss ([0-9.]+)", outs[0]).group(1))
     assert abs(loss_two - single["loss"]) < 1e-4, (loss_two, single["loss"])
+    # The evaluators ran on both processes' devices and agree with the single-process run.
+    top1_two = re.search(r"top-1 ([0-9.]+)%", outs[0]).group(1)
+    assert top1_two == f"{single['zero_shot']['top1']:.1f}", (top1_two, single["zero_shot"])
 
     step1, p1 = _params(cfg, one)
     step2, p2 = _params(cfg, two)

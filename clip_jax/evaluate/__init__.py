@@ -15,8 +15,9 @@ EVALUATORS = {"zeroshot": "dataset", "retrieval": "retrieval_dataset", "probe": 
 
 
 def enabled(cfg) -> list[str]:
-    """Names of the evaluators the config switches on."""
-    return [name for name, key in EVALUATORS.items() if cfg.eval[key]]
+    """Names of the evaluators the config switches on (captioning: caption.dataset, for models that caption)."""
+    names = [name for name, key in EVALUATORS.items() if cfg.eval[key]]
+    return names + (["captioning"] if cfg.caption.dataset and cfg.model.family == "coca" else [])
 
 
 def run(cfg, params, graphdef, mesh, encoders=None) -> dict:
@@ -24,11 +25,15 @@ def run(cfg, params, graphdef, mesh, encoders=None) -> dict:
 
     encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
     """
-    from clip_jax.evaluate import linear_probe, retrieval, zero_shot
+    from clip_jax.evaluate import captioning, linear_probe, retrieval, zero_shot
 
     functions = {"zeroshot": zero_shot.evaluate, "retrieval": retrieval.evaluate, "probe": linear_probe.evaluate}
     out = {}
     for name in enabled(cfg):
+        if name == "captioning":  # perplexity and CIDEr-D of generated captions: 'captioning/cider', ...
+            for key, value in captioning.evaluate(cfg, params, graphdef, mesh).items():
+                out[f"captioning/{key.removeprefix('caption_')}"] = value
+            continue
         for key, value in functions[name](cfg, params, graphdef, mesh, encoders=encoders).items():
             out[f"{name}/{key}"] = value
     return out
@@ -82,7 +87,7 @@ def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
         raise train.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
     step, state, _ = restored
     metrics = run(cfg, state["params"], graphdef, mesh)
-    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    out_dir = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "eval")
     path = os.path.join(out_dir, f"step_{step}.json")
     if jax.process_index() == 0:
         _write(out_dir, path, step, ckpt.directory, cfg, metrics)

@@ -115,6 +115,7 @@ class ClipBPE:
         for byte, symbol in zip(order, symbols):
             self._byte_char[byte] = symbol
         self._cache = {}
+        self._symbols = None  # id -> symbol, built on the first decode()
 
     def __getstate__(self):
         return {"max_len": self.max_len, "path": self.path}
@@ -171,3 +172,15 @@ class ClipBPE:
 
     def __call__(self, texts) -> np.ndarray:
         return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
+
+    def decode(self, ids) -> str:
+        """Ids -> text up to the end token: symbols joined, '</w>' read as a space, stand-ins mapped back to bytes.
+        Gives the cleaned text (lower case, single spaces). Id 0 before the end token is "!", not padding."""
+        from clip_jax.input.tokenizer import body_ids  # the shared rule for start/end tokens
+
+        if self._symbols is None:
+            self._symbols = {i: s for s, i in self.encoder.items()}
+            self._char_byte = dict(zip(*byte_symbols()))
+        spelled = "".join(self._symbols[i] for i in body_ids(ids, self, drop=(BOS,)))
+        words = spelled.replace(_WORD_END, " ").split()
+        return " ".join(bytes(self._char_byte[c] for c in w).decode("utf-8", errors="replace") for w in words)

@@ -48,3 +48,9 @@ class SentencePiece:
 
     def __call__(self, texts) -> np.ndarray:
         return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
+
+    def decode(self, ids) -> str:
+        """Ids -> text, up to the end token."""
+        from clip_jax.input.tokenizer import body_ids
+
+        return self.sp.decode(body_ids(ids, self))

@@ -25,6 +25,7 @@ class HashedWords:
             raise ValueError(f"model.text.max_len must hold at least the start and end tokens, got {max_len}")
         self.vocab_size, self.max_len = vocab_size, max_len
         self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
+        self.words = {}  # id -> word, for decode(); filled by learn_words (a hash cannot be inverted)
 
     def word_id(self, word: str) -> int:
         return _FIRST_WORD_ID + zlib.crc32(word.encode()) % (self.vocab_size - _FIRST_WORD_ID)
@@ -38,6 +39,29 @@ class HashedWords:
 
     def __call__(self, texts) -> np.ndarray:
         return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
+
+    def learn_words(self, texts) -> None:
+        """Remember the words of `texts` so decode() can spell their ids (the first word seen wins a collision)."""
+        for text in texts:
+            for word in _WORD.findall(text.lower()):
+                self.words.setdefault(self.word_id(word), word)
+
+    def decode(self, ids) -> str:
+        """Ids -> text, up to the end token; an id of no learned word is spelled '<id>'."""
+        return " ".join(self.words.get(int(i), f"<{int(i)}>") for i in body_ids(ids, self))
+
+
+def body_ids(ids, tok, drop=None) -> list[int]:
+    """The caption's own ids: everything before the first end token, without the ids in `drop` (default: start
+    and pad; CLIP's BPE keeps its pad id 0, which is also "!")."""
+    drop = (tok.bos_id, tok.pad_id) if drop is None else drop
+    out = []
+    for i in np.asarray(ids).tolist():
+        if i == tok.eos_id:
+            break
+        if i not in drop:
+            out.append(i)
+    return out
 
 
 def make(cfg):
