@@ -94,3 +94,24 @@ def test_batch_that_does_not_split_into_micro_batches_is_a_config_error(tmp_path
     cfg = small_config(tmp_path, batch_size=64, accum_steps=16)
     with pytest.raises(config_lib.ConfigError, match="accum_steps=16"):
         config_lib.validate(cfg, 8)
+
+
+def test_accumulation_with_a_captioning_model(tmp_path):
+    """CoCa: the caption term (a per-token mean over the whole batch) passes through GradCache exactly too."""
+    import importlib
+
+    cfg = importlib.import_module("configs.coca_tiny").get_config()
+    cfg.data.data_dir, cfg.batch_size = str(tmp_path), 32
+    cfg.model.image.depth = cfg.model.text.depth = cfg.model.coca.decoder_depth = 1
+    batch = _batch(cfg, seed=2)
+    loss1, g1, *_ = _grads(cfg, batch, 1)
+    loss2, g2, *_ = _grads(cfg, batch, 2)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+    flat1, flat2 = jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)
+    scale = max(float(np.abs(g).max()) for _, g in flat1)
+    for (path, a), b in zip(flat1, flat2):
+        np.testing.assert_allclose(
+            b, a, atol=1e-5 * max(scale, 1.0), rtol=1e-4, err_msg=jax.tree_util.keystr(path)
+        )
+    decoder = [g for p, g in flat1 if "decoder" in jax.tree_util.keystr(p)]
+    assert decoder and all(float(np.abs(g).max()) > 0 for g in decoder)  # the caption loss reaches the decoder
