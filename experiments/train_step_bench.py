@@ -74,9 +74,12 @@ def matmul_rate(dtype, n: int, reps: int = 10) -> float:
         return jax.lax.fori_loop(0, reps, lambda _, y: (y @ a).astype(dtype), x)
 
     chain(a).block_until_ready()
-    t = time.perf_counter()
-    chain(a).block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(3):  # best of 3: the machine's capability, not its worst moment (shared CPUs fluctuate)
+        t = time.perf_counter()
+        chain(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best
 
 
 def bench(cfg, steps: int) -> dict:
@@ -100,11 +103,13 @@ def bench(cfg, steps: int) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    sec = (time.perf_counter() - t) / steps
+    sec = float("inf")
+    for _ in range(3):  # best of 3 windows, measured the same way as the matmul rate
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        sec = min(sec, (time.perf_counter() - t) / steps)
     return {
         "step_s": sec,
         "examples_per_s": b / sec,
