@@ -29,6 +29,14 @@ def retrieval_r1_columns(columns) -> list[str]:
     return sorted(c for c in columns if "retrieval" in c and c.lower().endswith(ends))
 
 
+def plot_columns(columns) -> list[str]:
+    """What to plot: zero-shot top-1, then each retrieval recall@1. A metric the report carries twice (in its flat
+    'eval' dict and in a per-evaluator section such as 'retrieval') is plotted once."""
+    top1 = [c for c in ("zero_shot/top1", "eval/zeroshot/top1") if c in columns][:1]
+    r1 = retrieval_r1_columns(columns)
+    return top1 + [c for c in r1 if not (c.startswith("eval/") and c[len("eval/") :] in r1)]
+
+
 def fit_trend(batches, values) -> tuple[float, float]:
     """Least squares value = intercept + slope * log2(batch): slope is the change per doubling of the batch."""
     x = [math.log2(b) for b in batches]
@@ -72,7 +80,7 @@ def plot(rows: list, path: str, title: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     columns = {k for r in rows for k in r}
-    metrics = [m for m in ["zero_shot/top1"] + retrieval_r1_columns(columns) if m in columns]
+    metrics = plot_columns(columns)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     lines = []
     for ax, metric in zip(axes[0], metrics):

@@ -98,27 +98,39 @@ def test_trend_fit_matches_numpy_polyfit():
         sweep_results.fit_trend([64, 64], [1.0, 2.0])
 
 
-def test_flat_metrics_and_retrieval_columns():
+def test_flat_metrics_and_plot_columns(tmp_path):
+    # The shape of a train report: metrics, history, a flat 'eval' dict and per-evaluator sections.
     report = {
         "step": 10,
         "loss": np.float32(1.5),
         "history": [{"loss": 3.0}],
         "skipped_steps": [],
         "preempted": None,
-        "zero_shot": {"top1": 40.0, "top5": 90.0},
-        "eval": {"retrieval/i2t_r1": 12.5, "retrieval/t2i_r5": 30.0, "retrieval/t2i_r1": 11.0},
+        "eval": {"zeroshot/top1": 40.0, "retrieval/i2t_r1": 12.5, "retrieval/t2i_r1": 11.0},
+        "zero_shot": {"top1": 40.0},
+        "retrieval": {"i2t_r1": 12.5, "t2i_r1": 11.0, "t2i_r5": 30.0},
     }
     flat = sweep_results.flat_metrics(report)
     assert flat == {
         "step": 10,
         "loss": 1.5,
-        "zero_shot/top1": 40.0,
-        "zero_shot/top5": 90.0,
+        "eval/zeroshot/top1": 40.0,
         "eval/retrieval/i2t_r1": 12.5,
-        "eval/retrieval/t2i_r5": 30.0,
         "eval/retrieval/t2i_r1": 11.0,
+        "zero_shot/top1": 40.0,
+        "retrieval/i2t_r1": 12.5,
+        "retrieval/t2i_r1": 11.0,
+        "retrieval/t2i_r5": 30.0,
     }
-    assert sweep_results.retrieval_r1_columns(flat) == ["eval/retrieval/i2t_r1", "eval/retrieval/t2i_r1"]
+    # Each metric once, top-1 first; the 'eval/' copies only when no section carries them.
+    assert sweep_results.plot_columns(flat) == ["zero_shot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1"]
+    assert sweep_results.plot_columns({"eval/zeroshot/top1", "eval/retrieval/i2t_r1"}) == [
+        "eval/zeroshot/top1",
+        "eval/retrieval/i2t_r1",
+    ]
+    rows = [{**flat, "loss": x, "batch_size": b} for x in ("softmax", "sigmoid") for b in (32, 64, 128)]
+    lines = sweep_results.plot(rows, str(tmp_path / "p.png"), "title")
+    assert len(lines) == 6 and (tmp_path / "p.png").stat().st_size > 0  # 3 panels x 2 losses
 
 
 def _micro_args(workdir, data_dir, examples=64):
