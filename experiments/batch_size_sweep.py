@@ -1,4 +1,4 @@
-"""Batch-size scaling sweep: train one config at several global batch sizes, same examples seen, both losses.
+r"""Batch-size scaling sweep: train one config at several global batch sizes, same examples seen, both losses.
 
     python experiments/batch_size_sweep.py --workdir workdirs/sweep            # the default grid (see DEFAULTS)
     python experiments/batch_size_sweep.py --workdir workdirs/sweep --dry-run  # the plan and each point's state
@@ -182,7 +182,7 @@ def load_config(spec: str):
 
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        sys.exit(f"error: config file {path!r} does not exist")
+        raise SweepError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -205,7 +205,7 @@ def point_config(base_cfg, point: Point, extra: list):
 
 
 def emit_commands(config_spec: str, points, workdir: str, extra: list) -> list[str]:
-    """One resumable CLI train command per runnable point."""
+    """One resumable CLI train command per runnable point (checkpoint and eval cadence stay the config's)."""
     import shlex
 
     lines = []
@@ -380,6 +380,9 @@ def run_sweep(args, base_cfg, points, extra, base_batch, base_lr, rule) -> int:
         except SweepError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # before training started (restore, compile): nothing new to save
+            print(f"interrupted in {p.name} before it trained a step; re-run the same command to resume")
+            return 130
         if row is None:
             sweep_results.write_csv(csv_path, rows, PLAN_COLUMNS)
             print(f"interrupted in {p.name}; its checkpoint is saved: re-run the same command to resume")

@@ -5,6 +5,7 @@ Used by experiments/batch_size_sweep.py; kept apart so the driver reads as the p
 
 import math
 import os
+import textwrap
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict:
@@ -97,11 +98,14 @@ def plot(rows: list, path: str, title: str) -> list[str]:
                 lines.append(f"{metric} {loss}: {intercept:.2f} {slope:+.3f} * log2(batch)")
             ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color=colour, label=label)
         ax.set_xscale("log", base=2)
+        batches = sorted({r["batch_size"] for r in rows})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.set_xlabel("global batch size")
         ax.set_ylabel(metric + (" (%)" if "top" in metric or "r1" in metric.lower() else ""))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 60 * len(metrics)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
