@@ -90,7 +90,7 @@ def main():
     p.add_argument("--remat", default="none,dots,full")
     p.add_argument("--dtype", default="bfloat16,float32")
     p.add_argument("--accum", default="1")
-    p.add_argument("--batch-per-device", type=int, default=64)
+    p.add_argument("--batch-per-device", type=int, default=64, help="for the table (0 = no table)")
     p.add_argument("--budgets", default="16,80", help="GiB per device for the largest-batch search ('' = skip)")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -101,7 +101,7 @@ def main():
     rows = []
     print("\n| model | params M | dtype | remat | accum | batch/device | per-device GiB | temp GiB | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models.split(","):
+    for name in args.models.split(",") if args.batch_per_device else []:
         for dtype in args.dtype.split(","):
             for remat in args.remat.split(","):
                 for accum in map(int, args.accum.split(",")):
