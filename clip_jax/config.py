@@ -13,7 +13,7 @@ import ml_collections
 # Explicit choices (no string registries elsewhere: these tuples are the whole vocabulary).
 LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("ring", "allgather")
-TOKENIZERS = ("hashed_words", "clip_bpe", "sentencepiece")
+TOKENIZERS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece")
 TRAIN_CROPS = ("resize", "inception")  # data.train_crop (clip_jax/input/ops.py implements them)
 EVAL_CROPS = ("resize", "centre")  # data.eval_crop
 DTYPES = ("float32", "bfloat16")
@@ -82,7 +82,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
-    c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored CLIP merges; sentencepiece needs a .model
+    c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored merges; (siglip_)sentencepiece: a .model
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "two_tower"  # one of MODEL_FAMILIES: two_tower (CLIP/SigLIP/LiT) | coca

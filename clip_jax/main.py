@@ -172,6 +172,8 @@ def convert():
         if _FROM.value:
             cfg, params = files.import_model(_MODEL_DIR.value)
             files.write_checkpoint(cfg, params, _WORKDIR.value)
+            if cfg.tokenizer.kind == "hashed_words":  # base()'s default: the import found no tokenizer
+                print(files.NO_TOKENIZER.format(dir=_MODEL_DIR.value), flush=True)
             print(
                 f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
                 f"--config=configs/imported.py:{_WORKDIR.value})",

@@ -53,6 +53,27 @@ def read_preprocess(model_dir):
     return tuple(p["image_mean"]), tuple(p["image_std"]), "centre" if p.get("do_center_crop") else "resize"
 
 
+def find_spiece(model_dir):
+    """The absolute path of DIR/spiece.model (SigLIP's tokenizer), or None when there is none or the directory's
+    tokenizer_config.json turns off lower-casing (our siglip_sentencepiece always lower-cases, as HF's default)."""
+    path = os.path.join(model_dir, "spiece.model")
+    if not os.path.isfile(path):
+        return None
+    settings = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(settings):
+        with open(settings) as f:
+            if json.load(f).get("do_lower_case", True) is False:
+                return None
+    return os.path.abspath(path)  # the workdir's config.json points at it from anywhere
+
+
+NO_TOKENIZER = (
+    "note: no tokenizer set for {dir}: clip_jax recognises CLIP's 49,408-token BPE vocabulary and a SigLIP "
+    "directory's spiece.model (lower-casing on), and this directory has neither. Image embeddings are exact; "
+    "zero-shot evaluation needs --config.tokenizer.kind and --config.tokenizer.path naming this model's tokenizer"
+)
+
+
 def read_hf_weights(model_dir):
     """{name: float32 np.ndarray} from safetensors (single or sharded) or pytorch_model.bin."""
     files = os.listdir(model_dir)
@@ -82,7 +103,7 @@ def import_model(model_dir):
     from clip_jax.models import two_tower
 
     hf_cfg = read_hf_config(model_dir)
-    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir))
+    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir), find_spiece(model_dir))
     abstract = _pure(two_tower.abstract(cfg.model))
     params = hf.params_from_hf(read_hf_weights(model_dir), hf_cfg["model_type"], abstract)
     return cfg, params

@@ -46,8 +46,10 @@ def _square(value, what):
     return int(value)
 
 
-def config_from_hf(hf, preprocess=None):
-    """HF config (a dict with every key, as transformers' config classes fill them) -> clip_jax ConfigDict."""
+def config_from_hf(hf, preprocess=None, spiece=None):
+    """HF config (a dict with every key, as transformers' config classes fill them) -> clip_jax ConfigDict.
+
+    spiece: the path of a SigLIP directory's spiece.model, which becomes its tokenizer (none: left unset)."""
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ConversionError(f"model_type {family!r} is not supported; clip_jax converts {list(FAMILIES)}")
@@ -68,7 +70,7 @@ def config_from_hf(hf, preprocess=None):
     if family == "clip":
         _clip_config(c, hf, txt)
     else:
-        _siglip_config(c, hf, vis, txt)
+        _siglip_config(c, hf, vis, txt, spiece)
     mean, std, crop = preprocess or PREPROCESS[family]
     c.data.image_mean, c.data.image_std, c.data.eval_crop = tuple(mean), tuple(std), crop
     return c
@@ -102,7 +104,7 @@ def _clip_config(c, hf, txt):
         c.tokenizer.kind = "clip_bpe"
 
 
-def _siglip_config(c, hf, vis, txt):
+def _siglip_config(c, hf, vis, txt, spiece):
     m = c.model
     if not vis.get("vision_use_head", True):
         raise ConversionError("vision_use_head=False: a SiglipModel without its MAP head has no image embedding")
@@ -116,6 +118,9 @@ def _siglip_config(c, hf, vis, txt):
     eos = txt.get("eos_token_id")
     m.text.eos_id = eos if isinstance(eos, int) and 0 <= eos < m.text.vocab_size else m.text.pad_id
     c.loss.kind = "sigmoid"
+    if spiece:
+        # Pads to model.text.max_len (max_position_embeddings: 64, SiglipTokenizer's model_max_length).
+        c.tokenizer.kind, c.tokenizer.path = "siglip_sentencepiece", spiece
 
 
 def family_of(cfg):

@@ -1,23 +1,38 @@
-"""A SentencePiece model file as a caption tokenizer (`tokenizer.kind = 'sentencepiece'`, `tokenizer.path`).
+"""SentencePiece model files as caption tokenizers (`tokenizer.path` names the .model file).
 
-Start and end ids are the model's own; padding is the model's pad id, or 0 when it defines none (most models,
-e.g. mistral-common's `tokenizer.model.v1`, put <unk> at 0: a causal tower pooled at the end token never looks
-past the end, so what fills the tail does not matter). Truncation keeps the end token in the last slot.
+`sentencepiece`: [BOS, ids..., EOS, PAD...] with the model's own start and end ids; padding is the model's pad id,
+or 0 when it defines none (most models, e.g. mistral-common's `tokenizer.model.v1`, put <unk> at 0: a causal tower
+pooled at the end token never looks past the end, so what fills the tail does not matter).
+
+`siglip_sentencepiece`: SigLIP's layout, as transformers' SiglipTokenizer produces it with
+`padding='max_length', truncation=True`: the text canonicalised (lower-cased, ASCII punctuation removed,
+whitespace collapsed), no start token, [ids..., EOS, EOS...]. SigLIP pads with its end piece and its text tower
+attends to the padding and pools the last position, so the pad id is part of the embedding, not filler.
+A caption holding the literal strings '</s>' or '<unk>' differs: HF reads them as special tokens, we as text.
+
+Both truncate keeping the end token in the last slot.
 """
 
 import os
+import string
 
 import numpy as np
+
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 class SentencePiece:
     """text -> int32 [max_len]: [BOS, ids..., EOS, PAD...]; pickled by path so grain workers reload the model."""
 
+    kind, start = "sentencepiece", True
+
     def __init__(self, max_len: int, path: str):
-        if max_len < 2:
-            raise ValueError(f"model.text.max_len must hold at least the start and end tokens, got {max_len}")
+        if max_len < (2 if self.start else 1):
+            raise ValueError(
+                f"model.text.max_len={max_len} cannot hold the {self.kind} tokenizer's special tokens"
+            )
         if not path or not os.path.isfile(path):
-            raise ValueError(f"tokenizer.kind='sentencepiece' needs tokenizer.path=<a .model file>, got {path!r}")
+            raise ValueError(f"tokenizer.kind={self.kind!r} needs tokenizer.path=<a .model file>, got {path!r}")
         self.max_len, self.path = max_len, path
         self._setup()
 
@@ -25,11 +40,11 @@ class SentencePiece:
         try:
             import sentencepiece
         except ImportError:
-            raise ImportError("tokenizer.kind='sentencepiece' needs `pip install sentencepiece==0.2.1`") from None
+            raise ImportError(f"tokenizer.kind={self.kind!r} needs `pip install sentencepiece==0.2.1`") from None
         self.sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
+        if (self.start and self.bos_id < 0) or self.eos_id < 0:
             raise ValueError(f"{self.path} defines no start or end piece (bos {self.bos_id}, eos {self.eos_id})")
         self.pad_id = max(self.sp.pad_id(), 0)
 
@@ -40,10 +55,15 @@ class SentencePiece:
         self.max_len, self.path = state["max_len"], state["path"]
         self._setup()
 
+    def clean(self, text: str) -> str:
+        return " ".join(text.split())
+
     def encode(self, text: str) -> np.ndarray:
-        body = self.sp.encode(" ".join(text.split()))[: self.max_len - 2]
+        start = [self.bos_id] if self.start else []
+        body = self.sp.encode(self.clean(text))[: self.max_len - len(start) - 1]
+        ids = [*start, *body, self.eos_id]
         out = np.full((self.max_len,), self.pad_id, np.int32)
-        out[: len(body) + 2] = [self.bos_id, *body, self.eos_id]
+        out[: len(ids)] = ids
         return out
 
     def __call__(self, texts) -> np.ndarray:
@@ -54,3 +74,19 @@ class SentencePiece:
         from clip_jax.input.tokenizer import body_ids
 
         return self.sp.decode(body_ids(ids, self))
+
+
+class SiglipSentencePiece(SentencePiece):
+    """text -> int32 [max_len]: [ids..., EOS, EOS...] of the canonical text (SigLIP's spiece.model, no start id)."""
+
+    kind, start = "siglip_sentencepiece", False
+
+    def _setup(self):
+        super()._setup()
+        self.pad_id = self.eos_id  # SiglipTokenizer's pad token is '</s>', the end piece (id 1 in SigLIP's)
+
+    def clean(self, text: str) -> str:
+        # SiglipTokenizer.canonicalize_text (from big_vision's prompt engineering), after it has turned the
+        # SentencePiece word marker into a space. str.split() and its r"\s+" agree on what whitespace is.
+        text = text.replace("\u2581", " ").lower().translate(_NO_PUNCTUATION)
+        return " ".join(text.split())

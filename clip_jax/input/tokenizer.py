@@ -4,7 +4,7 @@
 model's vocabulary. It suits small closed-vocabulary datasets (the embedded ones) and is identical on every
 machine (Python's own hash() is salted per process, CRC32 is not). Ids: 0 pad, 1 start, 2 end, 3+ words.
 `clip_bpe` (clip_bpe.py) is OpenAI CLIP's 49,408-token BPE; `sentencepiece` (sentencepiece_tok.py) reads a model
-file. `make(cfg)` is the one entry point.
+file, and `siglip_sentencepiece` reads one the way SigLIP's tokenizer does. `make(cfg)` is the one entry point.
 """
 
 import re
@@ -73,12 +73,18 @@ def make(cfg):
         from clip_jax.input import clip_bpe  # reads the 1.4 MB merge list: only when chosen
 
         tok = clip_bpe.ClipBPE(text.max_len, cfg.tokenizer.path)
-    elif kind == "sentencepiece":
+    elif kind in ("sentencepiece", "siglip_sentencepiece"):
         from clip_jax.input import sentencepiece_tok
 
-        tok = sentencepiece_tok.SentencePiece(text.max_len, cfg.tokenizer.path)
+        cls = sentencepiece_tok.SentencePiece if kind == "sentencepiece" else sentencepiece_tok.SiglipSentencePiece
+        tok = cls(text.max_len, cfg.tokenizer.path)
     else:
-        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose 'hashed_words', 'clip_bpe' or 'sentencepiece'")
+        raise ValueError(
+            f"unknown tokenizer.kind {kind!r}; choose 'hashed_words', 'clip_bpe', 'sentencepiece' or "
+            "'siglip_sentencepiece'"
+        )
+    if cfg.model.family == "coca" and tok.bos_id < 0:
+        raise ValueError(f"model.family='coca' decodes from a start token, and the {kind} tokenizer has none")
     if text.vocab_size < tok.vocab_size:
         raise ValueError(
             f"model.text.vocab_size={text.vocab_size} is smaller than the {kind} tokenizer's {tok.vocab_size} ids; "
