@@ -1,4 +1,4 @@
-"""tokenizer.kind='siglip_sentencepiece' against transformers' SiglipTokenizer, and a SigLIP import that carries it.
+"""tokenizer.kind='siglip_sentencepiece' against transformers' SiglipTokenizer, and SigLIP imports that set it.
 
 The reference is HF's own tokenizer read from the same spiece.model (a small SentencePiece model trained here with
 SigLIP's special ids: pad 0, end 1, unk 2, no start piece), and a random-initialised SiglipModel saved beside it,
@@ -123,7 +123,7 @@ def test_layout_pickle_and_decode(siglip_dir):
 
 
 def test_text_embeddings_match_transformers_end_to_end(siglip_dir):
-    """Caption -> our ids -> our imported tower == caption -> HF's ids -> HF's SiglipModel (ids only, as trained)."""
+    """Caption -> our ids -> our imported tower == caption -> HF's ids -> HF's SiglipModel, given ids only."""
     path, model = siglip_dir
     cfg, params = files.import_model(path)
     captions = ["a photo of a goldfish.", "Two dogs playing with a frisbee in the park", TEXTS[-2]]

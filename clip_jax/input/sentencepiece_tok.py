@@ -77,7 +77,7 @@ class SentencePiece:
 
 
 class SiglipSentencePiece(SentencePiece):
-    """text -> int32 [max_len]: [ids..., EOS, EOS...] of the canonical text (SigLIP's spiece.model, no start id)."""
+    """text -> int32 [max_len]: [ids..., EOS, EOS...] of the canonical text (SigLIP's spiece.model)."""
 
     kind, start = "siglip_sentencepiece", False
 
