@@ -1,4 +1,5 @@
 """clip_jax: large-batch CLIP / SigLIP / CoCa pretraining in JAX."""
+
 from setuptools import find_packages, setup
 
 # Direct dependencies, pinned to the versions the test suite runs against.
@@ -38,7 +39,14 @@ setup(
     extras_require={
         # tokenizers (HF): the independent reference the CLIP BPE tests compare against, token for token.
         # scikit-image and fonttools: the clip_skimage photos, and the emoji tests' independent glyph table.
-        "test": ["pytest==9.2.0", "tokenizers==0.23.3", "scikit-image==0.26.0", "fonttools==4.68.0"],
+        # matplotlib: the sweep driver's plots, which tests/test_sweep.py draws.
+        "test": [
+            "pytest==9.2.0",
+            "tokenizers==0.23.3",
+            "scikit-image==0.26.0",
+            "fonttools==4.68.0",
+            "matplotlib==3.11.2",
+        ],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
         # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.

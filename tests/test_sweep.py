@@ -49,7 +49,7 @@ def test_plan_keeps_examples_seen_and_skips_what_cannot_run():
 
 
 def test_emitted_commands_parse_back_into_the_point_configs():
-    extra = sweep.parse_set(["data.data_dir=/data/tfds", "model.remat=true"])
+    extra = sweep.parse_set(["data.data_dir=/data/tfds", "model.remat=full"])
     points = sweep.plan(
         [16384, 65536, 100], ["softmax", "sigmoid"], 10**9, rule="linear", base_batch=32768, base_lr=1e-3,
         warmup_frac=0.02, num_devices=64,
@@ -75,7 +75,7 @@ def test_emitted_commands_parse_back_into_the_point_configs():
         assert cfg.optim.warmup_steps == point.warmup_steps and cfg.loss.kind == point.loss
         assert cfg.model.log_t_init == sweep.LOSS_INIT[point.loss][0]
         assert cfg.model.bias_init == sweep.LOSS_INIT[point.loss][1]
-        assert cfg.data.data_dir == "/data/tfds" and cfg.model.remat is True
+        assert cfg.data.data_dir == "/data/tfds" and cfg.model.remat == "full"
         config_lib.validate(cfg, 64)
 
 
