@@ -14,14 +14,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from clip_jax import cli_checks
 from clip_jax import config as config_lib
 
 if __name__ == "__main__":
     # config_flags applies --config.* overrides while the flag is being defined and dies with a traceback on an
     # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
     try:
-        config_lib.check_override_keys(sys.argv[1:])
-        config_lib.check_config_file(sys.argv[1:])
+        cli_checks.check_override_keys(sys.argv[1:])
+        cli_checks.check_config_file(sys.argv[1:])
     except config_lib.ConfigError as _e:
         print(f"error: {_e}", file=sys.stderr)
         sys.exit(2)

@@ -149,6 +149,7 @@ def format_value(value) -> str:
 
 def parse_set(items) -> list[tuple[str, str]]:
     """--set KEY=VALUE items -> [(key, text)], checked against base()'s keys and types like the CLI does."""
+    from clip_jax import cli_checks
     from clip_jax import config as config_lib
 
     pairs = []
@@ -156,7 +157,7 @@ def parse_set(items) -> list[tuple[str, str]]:
         key, eq, text = item.partition("=")
         if not eq or not key:
             raise config_lib.ConfigError(f"--set {item!r} is not KEY=VALUE")
-        config_lib.check_override_keys([f"--config.{key}={text}"])
+        cli_checks.check_override_keys([f"--config.{key}={text}"])
         pairs.append((key, text))
     return pairs
 

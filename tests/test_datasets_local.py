@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import prepare_local  # after the sys.path lines
 import tiny_cpu
 
-
 pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any connection attempt fails the test
 
 

@@ -5,11 +5,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_train import small_config
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import optim, sharding, train
-from test_train import small_config
 
 
 def _restore(cfg, workdir):
@@ -90,8 +90,9 @@ def test_freeze_mistakes_are_config_errors(tmp_path):
 def test_lit_config_locks_the_image_encoder_but_not_its_projection():
     import importlib
 
-    from clip_jax.models import two_tower
     from flax import nnx
+
+    from clip_jax.models import two_tower
 
     lit_b16 = importlib.import_module("configs.lit_b16")
     cfg = lit_b16.get_config("/some/pretrained/run")

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import small_config
 
 from clip_jax import config as config_lib
 from clip_jax import grad_cache, optim, sharding, train
-from test_train import small_config
 
 
 def _grads(cfg, batch, accum_steps):

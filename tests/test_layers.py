@@ -10,9 +10,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
+from model_utils import image_tower, images, text_tower, tokens_with_eos  # noqa: E402
 
 from clip_jax.models import layers  # noqa: E402
-from model_utils import image_tower, images, text_tower, tokens_with_eos  # noqa: E402
 
 
 def test_scanned_encoder_matches_a_loop_over_layers():

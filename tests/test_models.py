@@ -9,8 +9,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
-
-from clip_jax.models import layers, text, two_tower  # noqa: E402
 from model_utils import (  # noqa: E402  (shared with test_layers.py)
     EOS,
     PAD,
@@ -22,6 +20,8 @@ from model_utils import (  # noqa: E402  (shared with test_layers.py)
     text_tower,
     tokens_with_eos,
 )
+
+from clip_jax.models import layers, text, two_tower  # noqa: E402
 
 
 @pytest.mark.parametrize(

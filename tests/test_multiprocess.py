@@ -12,10 +12,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_train import small_config
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import optim, sharding, train
-from test_train import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

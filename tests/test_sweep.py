@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from clip_jax import cli_checks, train
 from clip_jax import config as config_lib
-from clip_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -61,8 +61,8 @@ def test_emitted_commands_parse_back_into_the_point_configs():
         argv = shlex.split(line)
         assert argv[:4] == ["python", "-m", "clip_jax.main", "train"]
         flags = argv[4:]
-        config_lib.check_override_keys(flags)  # every key exists and every value parses as its type
-        config_lib.check_config_file(flags)
+        cli_checks.check_override_keys(flags)  # every key exists and every value parses as its type
+        cli_checks.check_config_file(flags)
         assert f"--workdir=/ckpt/sweep/{point.name}" in flags
         # Apply the overrides the way the CLI would (text -> the key's type) and compare with the plan.
         cfg = sweep.load_config("configs/siglip_b16.py")

@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clip_jax.models import layers
-from clip_jax.models import text
-from clip_jax.models import vit
+from clip_jax.models import layers, text, vit
 
 
 class TwoTower(nnx.Module):

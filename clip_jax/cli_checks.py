@@ -1,0 +1,55 @@
+"""Command-line checks of `--config=...` and `--config.<key>=...` flags, run before absl/config_flags parse them
+(config_flags would die with a traceback on an unknown key or a broken config file; these give one line)."""
+
+import difflib
+
+from clip_jax.config import ConfigError, _flatten, base
+
+
+def check_override_keys(argv) -> None:
+    """Reject `--config.<key>=...` flags naming a key that base() lacks, before absl/config_flags sees them
+    (config_flags would fail with a traceback)."""
+    known = _flatten(base())
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{key}' in {arg}{hint}")
+            value = arg.split("=", 1)[1] if "=" in arg else None
+            if key in known and value is not None and not _parses_as(value, known[key]):
+                kind = type(known[key]).__name__
+                raise ConfigError(f"config key '{key}' must be {kind}, got {value!r} in {arg}")
+
+
+def _parses_as(text: str, ref) -> bool:
+    """Whether absl can parse `text` for a key whose default is `ref` (if not, it exits with a usage dump)."""
+    try:
+        if isinstance(ref, bool):
+            return text.lower() in ("true", "false", "t", "f", "1", "0")
+        if isinstance(ref, (int, float)):
+            type(ref)(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_config_file(argv) -> None:
+    """Load `--config=path[:arg]` once up front so a missing file or a bad variant argument is one line, not
+    config_flags' nested traceback."""
+    import importlib.util
+    import os
+
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, _, variant = arg[len("--config=") :].partition(":")
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file '{path}' does not exist (in {arg})")
+            try:
+                spec = importlib.util.spec_from_file_location("_clip_jax_config_check", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                module.get_config(*([variant] if variant else []))
+            except Exception as e:  # noqa: BLE001  (any failure of the config file, on one line)
+                raise ConfigError(f"config {arg[len('--config=') :]} failed: {type(e).__name__}: {e}") from None
