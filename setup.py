@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "scikit-learn==1.9.1",  # ships the handwritten-digits images (real-image demo set)
     "sentencepiece==0.2.1",  # tokenizer.kind='sentencepiece'
+    "ftfy==6.3.1",  # CLIP BPE text cleaning: OpenAI's and open_clip's tokenizers run ftfy.fix_text before BPE
 ]
 
 setup(
@@ -49,7 +50,14 @@ setup(
         ],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
-        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.
-        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0"],
+        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference;
+        # open_clip (with the torchvision release built for this torch): the reference tokenizer, losses and models.
+        "hf": [
+            "transformers==5.23.0",
+            "safetensors==0.8.0",
+            "torch==2.13.0",
+            "torchvision==0.28.0",
+            "open-clip-torch==3.3.0",
+        ],
     },
 )
