@@ -16,8 +16,10 @@ $(VENV)/.installed: setup.py
 
 # The tests also need the [hf] extra (transformers + CPU torch: the reference for the weight-import parity tests);
 # `make train` does not, so it stays a separate step.
+# open_clip is a reference for the tokenizer and loss tests; --no-deps keeps out its torchvision (see setup.py).
 $(VENV)/.installed-hf: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test,hf]"
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -50,14 +50,10 @@ setup(
         ],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
-        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference;
-        # open_clip (with the torchvision release built for this torch): the reference tokenizer, losses and models.
-        "hf": [
-            "transformers==5.23.0",
-            "safetensors==0.8.0",
-            "torch==2.13.0",
-            "torchvision==0.28.0",
-            "open-clip-torch==3.3.0",
-        ],
+        # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.
+        # regex: open_clip's tokenizer, the reference for clip_bpe. open-clip-torch itself is installed by the
+        # Makefile with --no-deps: its torchvision dependency resolves to a CUDA build that cannot load beside the
+        # CPU torch, and a broken torchvision breaks transformers' image processors (tests/reference_libs.py).
+        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0", "regex==2026.11.19"],
     },
 )
