@@ -17,7 +17,7 @@ def open_clip_module(name: str):
     spec = importlib.util.find_spec("open_clip")  # finds the package without executing its __init__
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("open-clip-torch is not installed (make test installs it)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], f"{name}.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), f"{name}.py")
     module_spec = importlib.util.spec_from_file_location(f"open_clip_reference_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
