@@ -89,6 +89,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.embed_dim = 512  # joint embedding dim
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
+    # Cap on log t (t = exp(log_t) scales the logits): CLIP clips t at 100 (its paper, §2.5; open_clip clamps after
+    # every step). The loss never sees a larger t and the stored value is clamped after each update; <= 0 or inf
+    # disables the cap.
+    c.model.max_log_t = math.log(100.0)
     c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
     c.model.remat = "none"  # REMAT_POLICIES: none | dots (keep matmul outputs) | full (keep block inputs only)
     c.model.scan_layers = True  # lax.scan over the stacked blocks (False: unrolled; same parameters)
@@ -339,6 +343,8 @@ def _check_ranges(cfg) -> None:
     for key in ("optim.b1", "optim.b2"):
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
+    if math.isnan(cfg.model.max_log_t):
+        raise ConfigError("config key 'model.max_log_t' is NaN; use a number (<= 0 or inf disables the cap)")
     if cfg.debug.poison_step < -1:
         raise ConfigError(f"config key 'debug.poison_step' is {cfg.debug.poison_step}; use a step >= 1, or -1")
 

@@ -80,14 +80,37 @@ def init_state(cfg, mesh, opt):
     return graphdef, init(jax.random.PRNGKey(cfg.seed)), shardings
 
 
+def temperature_cap(cfg) -> float | None:
+    """model.max_log_t, or None when the cap is disabled (<= 0 or inf)."""
+    cap = float(cfg.model.max_log_t)
+    return cap if 0 < cap < float("inf") else None
+
+
+def capped_log_t(log_t, cfg):
+    """log t as the loss sees it: min(log_t, model.max_log_t) (CLIP's clip of t at 100). Below and at the cap the
+    gradient passes unchanged (so training can push t down from the cap); above it the gradient is zero."""
+    cap = temperature_cap(cfg)
+    return log_t if cap is None else jnp.where(log_t > cap, jnp.asarray(cap, log_t.dtype), log_t)
+
+
+def clamp_temperature(params, cfg):
+    """params with a top-level 'log_t' (every model family's) clamped to model.max_log_t, as open_clip clamps its
+    logit scale after each optimizer step; other leaves untouched."""
+    if temperature_cap(cfg) is None or "log_t" not in params:
+        return params
+    return {**params, "log_t": capped_log_t(params["log_t"], cfg)}
+
+
 def total_loss(out, cfg, mesh):
     """The model's outputs (see TwoTower.__call__) -> (loss, aux): weighted contrastive loss over the whole global
-    batch (the sharded ring loss), plus the captioning cross-entropy per scored token for families that caption."""
+    batch (the sharded ring loss), plus the captioning cross-entropy per scored token for families that caption.
+    The temperature is capped at model.max_log_t here, so every path to the loss (GradCache too) sees the cap."""
     tile = None if cfg.loss.tile <= 0 else cfg.loss.tile
+    log_t = capped_log_t(out["log_t"], cfg)
     contrastive = losses.contrastive_loss(
         out["img"],
         out["txt"],
-        out["log_t"],
+        log_t,
         out["bias"],
         kind=cfg.loss.kind,
         mesh=mesh,
@@ -96,7 +119,7 @@ def total_loss(out, cfg, mesh):
         impl=cfg.loss.impl,
     )
     loss = cfg.loss.contrastive_weight * contrastive
-    aux = {"temperature": jnp.exp(out["log_t"]), "bias": out["bias"], "contrastive_loss": contrastive}
+    aux = {"temperature": jnp.exp(log_t), "bias": out["bias"], "contrastive_loss": contrastive}
     if "caption_nll" in out:
         caption = out["caption_nll"] / jnp.maximum(out["caption_tokens"], 1)
         loss = loss + cfg.loss.caption_weight * caption
@@ -112,7 +135,8 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     grad_fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(total_loss, cfg=cfg, mesh=mesh))
     (loss, aux), grads = grad_fn(trainable, frozen, batch)
     updates, opt_state = opt.update(grads, state["opt_state"], trainable)
-    params = optim.merge(optax.apply_updates(trainable, updates), frozen)
+    # The stored temperature never exceeds the cap (a frozen one is left as it is: the loss caps it anyway).
+    params = optim.merge(clamp_temperature(optax.apply_updates(trainable, updates), cfg), frozen)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Keep the last good state on NaN/Inf so the loop can stop without losing (or checkpointing) a poisoned state.
