@@ -89,10 +89,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.embed_dim = 512  # joint embedding dim
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
-    # Cap on log t (t = exp(log_t) scales the logits): CLIP clips t at 100 (its paper, §2.5; open_clip clamps after
-    # every step). The loss never sees a larger t and the stored value is clamped after each update; <= 0 or inf
-    # disables the cap.
-    c.model.max_log_t = math.log(100.0)
+    # CLIP clips t at 100 (its paper, §2.5; open_clip clamps after every step): the loss never sees a larger t and
+    # the stored log t is clamped after each update.
+    c.model.max_log_t = math.log(100.0)  # cap on log t (t = exp(log_t) scales the logits); <= 0 or inf: no cap
     c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
     c.model.remat = "none"  # REMAT_POLICIES: none | dots (keep matmul outputs) | full (keep block inputs only)
     c.model.scan_layers = True  # lax.scan over the stacked blocks (False: unrolled; same parameters)
