@@ -61,7 +61,9 @@ def clean(text: str) -> str:
     """CLIP's text cleaning, step for step as OpenAI's and open_clip's tokenizers do it: `ftfy.fix_text` (repairs
     mojibake, uncurls quotes, folds full-width letters and ligatures, drops control characters, NFC), HTML
     entities unescaped twice more ("&amp;amp;amp;" is common in scraped alt text), whitespace runs to one space
-    with none at the ends, lower case. Raises ftfy's UnicodeError if `text` is bytes."""
+    with none at the ends, lower case. Raises TypeError if `text` is not a str (bytes: decode them first)."""
+    if not isinstance(text, str):
+        raise TypeError(f"CLIP BPE tokenizes str captions, got {type(text).__name__}; decode bytes to str first")
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
@@ -164,6 +166,7 @@ class ClipBPE:
         return parts
 
     def piece_ids(self, piece: str) -> list[int]:
+        """Ids of one pre-tokenizer piece, from the word cache when it was seen before."""
         ids = self._cache.get(piece)
         if ids is None:
             word = "".join(self._byte_char[b] for b in piece.encode("utf-8"))
@@ -183,12 +186,14 @@ class ClipBPE:
         return out
 
     def encode(self, text: str) -> np.ndarray:
+        """int32 [max_len]: [BOS, ids..., EOS, PAD...]; a long caption keeps its first max_len - 2 ids."""
         body = self.ids(text, limit=self.max_len - 2)  # room for start and end: truncation keeps the end token
         out = np.full((self.max_len,), PAD, np.int32)
         out[: len(body) + 2] = [BOS, *body, EOS]
         return out
 
     def __call__(self, texts) -> np.ndarray:
+        """A sequence of n str -> int32 [n, max_len], one encode() row each."""
         return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
 
     def decode(self, ids) -> str:
