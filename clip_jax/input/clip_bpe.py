@@ -1,14 +1,24 @@
 """OpenAI CLIP's byte-level BPE tokenizer (49,408 ids), read from the merge list vendored beside this file.
 
-Text is cleaned as CLIP cleans it (HTML entities unescaped twice, NFC, runs of whitespace to one space, lower
-case), split into pieces (contractions, letter runs, single digits, runs of other symbols), each piece's UTF-8
-bytes are spelled with 256 printable stand-in characters and merged by rank, with "</w>" marking a word's end.
+Matches open_clip's `SimpleTokenizer` / `open_clip.tokenize` (OpenAI's CLIP tokenizer, renamed special tokens)
+token for token, tested on scraped-caption oddities in tests/test_clip_bpe_reference.py. Its steps, in order:
+`ftfy.fix_text` (mojibake, curly quotes, full-width letters, ligatures, NFC, ...), HTML entities unescaped twice
+more, whitespace runs to one space and trimmed, lower case; then the pre-tokenizer pattern
+'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+ (case-insensitive), each piece's UTF-8 bytes spelled
+with 256 printable stand-in characters and merged by rank, "</w>" marking a word's end.
 Ids: 49406 start, 49407 end, 0 padding (CLIP's layout; 0 is also the id of "!", which is harmless for causal
-towers pooled at the end token, the layout CLIP trains). Truncation keeps the end token in the last slot.
+towers pooled at the end token, the layout CLIP trains). Truncation keeps the end token in the last slot; a blank
+caption is [49406, 49407, 0, ...].
 
-Two deliberate departures from the reference code: no `ftfy` mojibake repair (an extra dependency that rewrites
-few real captions), and the literal text "<end_of_text>" in a caption is tokenized as text, never as the end
-token, so no caption can end itself early.
+Two departures, on purpose or forced:
+- open_clip reads the literal text "<start_of_text>" / "<end_of_text>" in a caption as the special tokens; here
+  it is text, so no caption can end itself early (the text tower pools at the first end token).
+- The pre-tokenizer's letter/number classes come from Python's `unicodedata` (Unicode 14.0 on Python 3.11),
+  open_clip's from the `regex` package's newer tables: code points unassigned in Python's table (CJK extensions
+  H-J and other scripts added in Unicode 15+) are symbols here and letters or digits there. Every code point
+  that Python's table assigns is classed as open_clip classes it.
+Note: transformers' `CLIPTokenizer` runs neither ftfy nor the HTML unescaping, so on such text its ids differ
+from these (and from the ids the OpenAI and open_clip models were trained with).
 """
 
 import functools
@@ -18,6 +28,7 @@ import itertools
 import os
 import unicodedata
 
+import ftfy
 import numpy as np
 
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -26,8 +37,12 @@ VOCAB_SIZE = 49408
 _NUM_MERGES = 49152 - 256 - 2
 BOS, EOS, PAD = 49406, 49407, 0
 _WORD_END = "</w>"
-# Tried in this order at the start of every piece, before the character classes (as CLIP's pattern does).
-_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# Tried in this order at the start of every piece, before the character classes (as CLIP's pattern does). The
+# pattern is case-insensitive, and after lower-casing the only other text it matches this way is "'ſ" (long s).
+_CONTRACTIONS = ("'s", "'ſ", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# The case-insensitive pattern matches COMBINING GREEK YPOGEGRAMMENI (it folds to the letter iota) with none of
+# its alternatives, so the reference skips it as it skips whitespace.
+_SKIPPED = frozenset("\u0345")
 _CACHE_LIMIT = 1 << 17  # words; the cache is dropped when full so a long run's memory stays bounded
 
 
@@ -43,24 +58,29 @@ def byte_symbols() -> tuple[list[str], list[int]]:
 
 
 def clean(text: str) -> str:
-    """CLIP's text cleaning: entities unescaped twice ("&amp;amp;" is common in scraped alt text), NFC so that
-    composed and decomposed accents tokenize alike, whitespace runs to one space, lower case."""
-    text = html.unescape(html.unescape(text))
-    text = unicodedata.normalize("NFC", text)
+    """CLIP's text cleaning, step for step as OpenAI's and open_clip's tokenizers do it: `ftfy.fix_text` (repairs
+    mojibake, uncurls quotes, folds full-width letters and ligatures, drops control characters, NFC), HTML
+    entities unescaped twice more ("&amp;amp;amp;" is common in scraped alt text), whitespace runs to one space
+    with none at the ends, lower case. Raises TypeError if `text` is not a str (bytes: decode them first)."""
+    if not isinstance(text, str):
+        raise TypeError(f"CLIP BPE tokenizes str captions, got {type(text).__name__}; decode bytes to str first")
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
 @functools.cache
 def _char_class(ch: str) -> str:
-    """' ' whitespace, 'L' letter, 'N' number, 'O' anything else (Unicode general categories, as \\p{L}/\\p{N})."""
-    if ch.isspace():
+    """' ' whitespace (or skipped), 'L' letter, 'N' number, 'O' anything else (Unicode general categories, as
+    \\p{L}/\\p{N})."""
+    if ch.isspace() or ch in _SKIPPED:
         return " "
     major = unicodedata.category(ch)[0]
     return major if major in "LN" else "O"
 
 
 def split_pieces(text: str) -> list[str]:
-    """CLIP's pre-tokenizer: 's|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+ scanned left to right."""
+    """CLIP's pre-tokenizer: 's|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+ scanned left to right,
+    case-insensitively (as open_clip compiles it), on cleaned text: a list of non-empty str pieces."""
     pieces, i, n = [], 0, len(text)
     while i < n:
         kind = _char_class(text[i])
@@ -146,6 +166,7 @@ class ClipBPE:
         return parts
 
     def piece_ids(self, piece: str) -> list[int]:
+        """Ids of one pre-tokenizer piece, from the word cache when it was seen before."""
         ids = self._cache.get(piece)
         if ids is None:
             word = "".join(self._byte_char[b] for b in piece.encode("utf-8"))
@@ -165,12 +186,14 @@ class ClipBPE:
         return out
 
     def encode(self, text: str) -> np.ndarray:
+        """int32 [max_len]: [BOS, ids..., EOS, PAD...]; a long caption keeps its first max_len - 2 ids."""
         body = self.ids(text, limit=self.max_len - 2)  # room for start and end: truncation keeps the end token
         out = np.full((self.max_len,), PAD, np.int32)
         out[: len(body) + 2] = [BOS, *body, EOS]
         return out
 
     def __call__(self, texts) -> np.ndarray:
+        """A sequence of n str -> int32 [n, max_len], one encode() row each."""
         return np.stack([self.encode(t) for t in texts]) if len(texts) else np.zeros((0, self.max_len), np.int32)
 
     def decode(self, ids) -> str:
