@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "scikit-learn==1.9.1",  # ships the handwritten-digits images (real-image demo set)
     "sentencepiece==0.2.1",  # tokenizer.kind='sentencepiece'
     "ftfy==6.3.1",  # CLIP BPE text cleaning: OpenAI's and open_clip's tokenizers run ftfy.fix_text before BPE
+    "regex==2026.11.19",  # CLIP BPE pre-tokenizer: the references' pattern engine and Unicode tables
 ]
 
 setup(
@@ -51,9 +52,9 @@ setup(
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
         # `convert --from/--to hf` (transformers' config classes, safetensors) and the parity tests' torch reference.
-        # regex: open_clip's tokenizer, the reference for clip_bpe. open-clip-torch itself is installed by the
-        # Makefile with --no-deps: its torchvision dependency resolves to a CUDA build that cannot load beside the
-        # CPU torch, and a broken torchvision breaks transformers' image processors (tests/reference_libs.py).
-        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0", "regex==2026.11.19"],
+        # open-clip-torch (the reference tokenizer and losses) is installed by the Makefile with --no-deps: its
+        # torchvision dependency resolves to a CUDA build that cannot load beside the CPU torch, and a broken
+        # torchvision breaks transformers' image processors (tests/reference_libs.py).
+        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "torch==2.13.0"],
     },
 )

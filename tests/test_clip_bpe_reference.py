@@ -97,27 +97,13 @@ def test_special_token_text_is_the_only_departure(ref, plain_ref):
         assert clip_bpe.EOS in theirs or clip_bpe.BOS in theirs, text  # open_clip: a special token mid-caption
 
 
-def test_pre_tokenizer_classes_every_code_point(ref):
-    """Each code point's class (letter run, single number, symbol run, or skipped) as open_clip's pattern
-    classes it: equal wherever Python's Unicode table assigns the code point. Python's whitespace is left out:
-    cleaning (str.split) removes it before the pattern runs, here and in open_clip."""
-    flags, find = ref._tokenizer.pat.flags, ref.re.findall
-    letters, numbers = set(find(r"[\p{L}]", ALL_CHARS, flags)), set(find(r"[\p{N}]", ALL_CHARS, flags))
-    symbols = set(find(r"[^\s\p{L}\p{N}]", ALL_CHARS, flags))
-    assert not (letters & numbers or letters & symbols or numbers & symbols)
-    ours = clip_bpe._char_class.__wrapped__  # uncached: a million entries would stay in the cache
-    theirs = {**dict.fromkeys(letters, "L"), **dict.fromkeys(numbers, "N"), **dict.fromkeys(symbols, "O")}
-    differ = [c for c in ALL_CHARS if not c.isspace() and ours(c) != theirs.get(c, " ")]
-    assert all(unicodedata.category(c) == "Cn" for c in differ), [hex(ord(c)) for c in differ][:50]
-
-
 def test_pre_tokenizer_matches_open_clip_pattern(ref, plain_ref):
-    """split_pieces against open_clip's pattern on all assigned code points in random runs, with apostrophes,
-    contraction letters and every character that folds to one of them."""
+    """split_pieces against open_clip's pattern on every code point (but surrogates) in random runs, with
+    apostrophes, contraction letters and every character that folds to one of them."""
     flags = plain_ref.pat.flags
     lowered = "".join(set(ALL_CHARS.lower()))  # what can reach the pattern after cleaning
     folds = set(ref.re.findall("[strevmld]", lowered, flags)) - set("strevmld")
-    assigned = [c for c in ALL_CHARS if unicodedata.category(c) not in ("Cn", "Co", "Cs")]
+    assigned = [c for c in ALL_CHARS if unicodedata.category(c) != "Cs"]
     rng = random.Random(0)
     rng.shuffle(assigned)
     assert folds == {"\u017f"}  # long s, the one lower-case letter that folds to a contraction letter

@@ -10,13 +10,10 @@ Ids: 49406 start, 49407 end, 0 padding (CLIP's layout; 0 is also the id of "!", 
 towers pooled at the end token, the layout CLIP trains). Truncation keeps the end token in the last slot; a blank
 caption is [49406, 49407, 0, ...].
 
-Two departures, on purpose or forced:
-- open_clip reads the literal text "<start_of_text>" / "<end_of_text>" in a caption as the special tokens; here
-  it is text, so no caption can end itself early (the text tower pools at the first end token).
-- The pre-tokenizer's letter/number classes come from Python's `unicodedata` (Unicode 14.0 on Python 3.11),
-  open_clip's from the `regex` package's newer tables: code points unassigned in Python's table (CJK extensions
-  H-J and other scripts added in Unicode 15+) are symbols here and letters or digits there. Every code point
-  that Python's table assigns is classed as open_clip classes it.
+One departure, on purpose: open_clip reads the literal text "<start_of_text>" / "<end_of_text>" in a caption
+as the special tokens; here it is text, so no caption can end itself early (the text tower pools at the first
+end token). The pattern runs on the `regex` package, as the references' does, so its Unicode classes (\\p{L},
+\\p{N}, case folding) are the same tables, not Python's older `unicodedata`.
 Note: transformers' `CLIPTokenizer` runs neither ftfy nor the HTML unescaping, so on such text its ids differ
 from these (and from the ids the OpenAI and open_clip models were trained with).
 """
@@ -26,10 +23,10 @@ import gzip
 import html
 import itertools
 import os
-import unicodedata
 
 import ftfy
 import numpy as np
+import regex
 
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SIZE = 49408
@@ -37,12 +34,9 @@ VOCAB_SIZE = 49408
 _NUM_MERGES = 49152 - 256 - 2
 BOS, EOS, PAD = 49406, 49407, 0
 _WORD_END = "</w>"
-# Tried in this order at the start of every piece, before the character classes (as CLIP's pattern does). The
-# pattern is case-insensitive, and after lower-casing the only other text it matches this way is "'ſ" (long s).
-_CONTRACTIONS = ("'s", "'ſ", "'t", "'re", "'ve", "'m", "'ll", "'d")
-# The case-insensitive pattern matches COMBINING GREEK YPOGEGRAMMENI (it folds to the letter iota) with none of
-# its alternatives, so the reference skips it as it skips whitespace.
-_SKIPPED = frozenset("\u0345")
+# CLIP's pre-tokenizer without its two special-token alternatives (see above); case-insensitive, as the references
+# compile it (so "'S" is a contraction, and "'ſ" too: long s folds to s).
+_PIECES = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 _CACHE_LIMIT = 1 << 17  # words; the cache is dropped when full so a long run's memory stays bounded
 
 
@@ -68,38 +62,12 @@ def clean(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-@functools.cache
-def _char_class(ch: str) -> str:
-    """' ' whitespace (or skipped), 'L' letter, 'N' number, 'O' anything else (Unicode general categories, as
-    \\p{L}/\\p{N})."""
-    if ch.isspace() or ch in _SKIPPED:
-        return " "
-    major = unicodedata.category(ch)[0]
-    return major if major in "LN" else "O"
-
-
 def split_pieces(text: str) -> list[str]:
-    """CLIP's pre-tokenizer: 's|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+ scanned left to right,
-    case-insensitively (as open_clip compiles it), on cleaned text: a list of non-empty str pieces."""
-    pieces, i, n = [], 0, len(text)
-    while i < n:
-        kind = _char_class(text[i])
-        if kind == " ":
-            i += 1
-            continue
-        if text[i] == "'":
-            found = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None)
-            if found:
-                pieces.append(found)
-                i += len(found)
-                continue
-        j = i + 1
-        if kind != "N":  # digits are single pieces; letters and symbols extend over their own class
-            while j < n and _char_class(text[j]) == kind:
-                j += 1
-        pieces.append(text[i:j])
-        i = j
-    return pieces
+    """CLIP's pre-tokenizer on cleaned text: contractions, letter runs, single digits, runs of other symbols
+    ('s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+, case-insensitive), left to right; a list
+    of non-empty str pieces. Characters that no alternative matches (whitespace, and the combining mark U+0345,
+    which folds to a letter yet is none) are skipped, as in the references."""
+    return _PIECES.findall(text)
 
 
 @functools.lru_cache(maxsize=4)
