@@ -1,6 +1,7 @@
 """Tokenizers: text -> fixed-length int32 ids with start/end tokens, padded, truncation keeping the end token.
 
-`hashed_words` needs no vocabulary file: lower-cased words (letters/digits runs) are hashed with CRC32 into the
+`hashed_words` needs no vocabulary file: lower-cased ASCII words (runs of a-z and 0-9; every other character,
+accented letters and other scripts included, separates words and is dropped) are hashed with CRC32 into the
 model's vocabulary. It suits small closed-vocabulary datasets (the embedded ones) and is identical on every
 machine (Python's own hash() is salted per process, CRC32 is not). Ids: 0 pad, 1 start, 2 end, 3+ words.
 `clip_bpe` (clip_bpe.py) is OpenAI CLIP's 49,408-token BPE; `sentencepiece` (sentencepiece_tok.py) reads a model
