@@ -90,23 +90,24 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, int]:
 
 def _upright(img: Image.Image) -> int:
     """Turns a loaded image upright in place by its EXIF Orientation tag (Pillow's ImageOps.exif_transpose, as
-    transformers' load_image does); returns the issue bits. Broken EXIF never costs the image: Pillow skips the
-    tags it cannot read (warning, counted here as bad_exif), and if it raises the pixels are kept as stored."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:  # noqa: BLE001  corrupt EXIF raises many types inside Pillow's TIFF parser
-            return BIT["bad_exif"]
-    return (BIT["rotated_image"] if turned else 0) | (BIT["bad_exif"] if caught else 0)
+    transformers' load_image does); returns the issue bits. If Pillow raises on corrupt EXIF, the pixels are kept
+    as stored and the image counted as bad_exif."""
+    try:
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001  corrupt EXIF raises many types inside Pillow's TIFF parser
+        return BIT["bad_exif"]
+    return BIT["rotated_image"] if turned else 0
+
+
+def _exif_warning(w: warnings.WarningMessage) -> bool:
+    """Pillow skips EXIF (TIFF-structured) data it cannot read with a warning: one per bad file."""
+    return w.filename.endswith("TiffImagePlugin.py") or "exif" in str(w.message).lower()
 
 
 def _open(data: bytes, size: int, min_side: int) -> tuple[Image.Image | None, int]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # counted below, not warned per file
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         return None, BIT["oversized_image"]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -167,7 +168,14 @@ def image(value, size: int, min_side: int) -> tuple[np.ndarray | None, int]:
         value = value.item()
     if not isinstance(value, (bytes, bytearray)) or not value:
         return None, BIT["undecodable_image"]
-    img, bits = _open(bytes(value), size, min_side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # Pillow's per-file warnings (EXIF, decompression bomb) become counts
+        rgb, bits = _decode(bytes(value), size, min_side)
+    return rgb, bits | (BIT["bad_exif"] if any(_exif_warning(w) for w in caught) else 0)
+
+
+def _decode(data: bytes, size: int, min_side: int) -> tuple[np.ndarray | None, int]:
+    img, bits = _open(data, size, min_side)
     if img is None:
         return None, bits
     try:
