@@ -230,16 +230,19 @@ def test_eval_view_names_an_unknown_crop():
 # --- every decode path: a public-style tfds set, the evaluators, the caption CLI and training -------------------
 
 
+# The stored files of a public-style set: sideways JPEGs and PNG, and an RGB PNG with a transparent colour.
+STORED = (
+    _encode(_photo(24, 40, 0), "JPEG", exif=_exif(6)),
+    _encode(_photo(30, 20, 1), "JPEG", exif=_exif(3)),
+    _encode(_photo(24, 40, 2), "PNG", exif=_exif(8)),
+    TRANSPARENT["RGB+tRNS"][0],
+)
+
+
 class FidelityPhotos(tfds.core.GeneratorBasedBuilder):
-    """A tfds set that is none of clip_jax's builders, holding the stored files of sideways and transparent photos."""
+    """A tfds set that is none of clip_jax's builders (as coco_captions or imagenet2012 would be), holding STORED."""
 
     VERSION = tfds.core.Version("1.0.0")
-    FILES = [
-        _encode(_photo(24, 40, 0), "JPEG", exif=_exif(6)),
-        _encode(_photo(30, 20, 1), "JPEG", exif=_exif(3)),
-        _encode(_photo(24, 40, 2), "PNG", exif=_exif(8)),
-        TRANSPARENT["RGB+tRNS"][0],
-    ]
 
     def _info(self):
         features = {"image": tfds.features.Image(), "caption": tfds.features.Text()}
@@ -252,7 +255,7 @@ class FidelityPhotos(tfds.core.GeneratorBasedBuilder):
         return {"test": self._generate_examples()}
 
     def _generate_examples(self):
-        for i, data in enumerate(self.FILES):
+        for i, data in enumerate(STORED):
             yield i, {"image": data, "caption": f"photo number {i}", "label": 0}
 
 
@@ -267,7 +270,7 @@ def public_set(tmp_path_factory):
     cfg.eval.split = cfg.eval.retrieval_split = "test"
     cfg.eval.batch_size = 8
     processor = _hf_processor("clip", 32)
-    want = [_hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(f)))) for f in FidelityPhotos.FILES]
+    want = [_hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(f)))) for f in STORED]
     return cfg, np.stack(want)
 
 
@@ -279,7 +282,7 @@ def _close(got, want):
 def test_public_tfds_images_reach_decode_as_stored_files(public_set):
     cfg, _ = public_set
     record = pipeline.open_source(cfg.eval.dataset, cfg.eval.split, cfg.data.data_dir)[0]
-    assert record["image"] == FidelityPhotos.FILES[0]  # not tfds' decoding, which ignores EXIF and tRNS
+    assert record["image"] == STORED[0]  # not tfds' decoding, which ignores EXIF and tRNS
 
 
 def test_zero_shot_and_probe_batches(public_set):
@@ -305,7 +308,7 @@ def test_captioning_eval_images(public_set):
 def test_caption_cli_matches_transformers_load_image(public_set, tmp_path):
     cfg, _ = public_set
     paths = []
-    for i, data in enumerate(FidelityPhotos.FILES[:3]):  # transformers' load_image turns, then drops any alpha
+    for i, data in enumerate(STORED[:3]):  # transformers' load_image turns, then drops any alpha
         paths.append(str(tmp_path / f"{i}.img"))
         with open(paths[-1], "wb") as f:
             f.write(data)
@@ -323,6 +326,6 @@ def test_training_view(public_set):
     cfg.data.image_mean, cfg.data.image_std, cfg.data.min_image_size = SIGLIP_MEAN, SIGLIP_STD, 1
     prep = pipeline._Preprocess(cfg)
     processor = _hf_processor("siglip", 32)
-    for data in FidelityPhotos.FILES:
+    for data in STORED:
         out = prep.map_with_index(0, {"image": data, "caption": b"a photo"})
         _close(out["image"], _hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))

@@ -3,8 +3,10 @@
 
 Training: `resize` squashes the whole image to a square (what the embedded sets need: their captions name
 positions, and every pixel is at the final size already), or `inception` takes CLIP's random-resized crop (a
-random area fraction and aspect ratio, then resize), optionally flipped. Evaluation: `resize`, or `centre`
-(shorter side to `size`, then the central square), the standard zero-shot protocol for photos.
+random area fraction and aspect ratio, then resize; the box follows torchvision's RandomResizedCrop), optionally
+flipped. Evaluation: `resize` (SigLIP's image processor), or `centre` (shorter side to `size`, then the central
+square: CLIP's image processor), the standard zero-shot protocol for photos. Resizing is Pillow's bicubic on
+uint8, as in transformers' PIL image processors.
 """
 
 import math
