@@ -46,7 +46,7 @@ CORPUS = {
     "g3.jpg": (_encode(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"), b"good3 cmyk", ("cmyk_image",)),
     "g4.png": (_encode(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"), b"good4 clear", ("alpha_image",)),
     "g5.gif": (_encode(_rgb(5).convert("P"), "GIF"), b"good5 palette", ("palette_image",)),
-    "g6.png": (_palette_with_transparency(), b"good6 palette alpha", ("palette_image",)),
+    "g6.png": (_palette_with_transparency(), b"good6 palette alpha", ("palette_image", "alpha_image")),
     "g7.png": (_encode(Image.new("I;16", (20, 20), 40000), "PNG"), b"good7 sixteen bit", ("other_mode_image",)),
     "g8.jpg": (_encode(_rgb(8, 600, 300), "JPEG"), b"good8 large", ("large_image",)),
     "g9.jpg": (GOOD_JPEG, b"good9 caf\xe9 latin-1 bytes", ("non_utf8_caption",)),

@@ -116,6 +116,20 @@ def data_source(
     return result.as_data_source(split=split)
 
 
+def encoded_images(features: tfds.features.FeaturesDict) -> dict | None:
+    """tfds decoders leaving every Image feature (nested ones too) as its stored file bytes, or None if none:
+    tfds' own image decoding ignores EXIF orientation and transparency, clip_jax.input.decode applies both."""
+    out = {}
+    for key, feature in features.items():
+        if isinstance(feature, tfds.features.Image):
+            out[key] = tfds.decode.SkipDecoding()
+        elif isinstance(feature, tfds.features.FeaturesDict):
+            inner = encoded_images(feature)
+            if inner:
+                out[key] = inner
+    return out or None
+
+
 def prepare_local(kind: str, source: str, name: str, data_dir: str | os.PathLike):
     """Prepares a local corpus (kind: 'image_text_folder' or 'webdataset'; source: its folder or shard glob) as
     `<data_dir>/<kind>/<name>`, read afterwards as data.name='<kind>/<name>'. Idempotent like `prepare`."""

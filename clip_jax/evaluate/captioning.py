@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from clip_jax import sharding
-from clip_jax.input import decode, ops, pipeline
+from clip_jax.input import decode, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.models import generate
 
@@ -91,18 +91,18 @@ def load_examples(cfg, dataset: str, split: str, limit: int, *, with_images: boo
     readable image and at least one caption."""
     source = pipeline.open_source(dataset, split, cfg.data.data_dir)
     total = len(source) if limit < 0 else min(len(source), limit)
-    size, images, refs = cfg.model.image.image_size, [], []
+    images, refs = [], []
     for i in range(total):
         record = source[i]
         texts = _texts(pipeline.field(record, cfg.data.text_key))
         if not texts:
             continue
         if with_images:
-            rgb, bits = decode.image(pipeline.field(record, cfg.data.image_key), size, 1)
-            if rgb is None:
+            image, bits = pipeline.eval_image(cfg, pipeline.field(record, cfg.data.image_key))
+            if image is None:
                 log.warning("captioning eval: image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
                 continue
-            images.append(ops.eval_view(rgb, size, cfg.data.eval_crop))
+            images.append(image)
         refs.append(texts)
     return (np.stack(images) if with_images and images else None), refs
 
@@ -208,17 +208,23 @@ def restore_params(cfg, workdir: str):
     return step, state["params"], graphdef, mesh
 
 
+def read_images(cfg, paths: list[str]) -> list[np.ndarray]:
+    """The caption CLI's image files as the model sees them (pipeline.eval_image); DataError names a bad file."""
+    images = []
+    for path in paths:
+        with open(path, "rb") as f:
+            image, bits = pipeline.eval_image(cfg, f.read())
+        if image is None:
+            raise pipeline.DataError(f"cannot read image {path}: {', '.join(decode.issue_names(bits))}")
+        images.append(image)
+    return images
+
+
 def caption_files(cfg, workdir: str, paths: list[str]) -> dict:
     """Captions of image files by the latest checkpoint in workdir: {'step', 'captions': [(path, text, score)]}."""
     if cfg.model.family != "coca":
         raise pipeline.DataError(f"model.family={cfg.model.family!r} does not caption; train a 'coca' model")
-    size, images = cfg.model.image.image_size, []
-    for path in paths:
-        with open(path, "rb") as f:
-            rgb, bits = decode.image(f.read(), size, 1)
-        if rgb is None:
-            raise pipeline.DataError(f"cannot read image {path}: {', '.join(decode.issue_names(bits))}")
-        images.append(ops.eval_view(rgb, size, cfg.data.eval_crop))
+    images = read_images(cfg, paths)
     step, params, graphdef, mesh = restore_params(cfg, workdir)
     tok = decoder(cfg)
     rows = -(-len(images) // mesh.devices.size) * mesh.devices.size

@@ -66,11 +66,11 @@ def encode_images(cfg, mesh, encode_image):
                     f"{e.retrieval_dataset} has no caption feature '{e.retrieval_text_key}' (its features: "
                     f"{sorted(record)}); set eval.retrieval_text_key"
                 )
-            rgb, bits = decode.image(pipeline.field(record, e.retrieval_image_key), size, 1)
-            if rgb is None:
+            image, bits = pipeline.eval_image(cfg, pipeline.field(record, e.retrieval_image_key))
+            if image is None:
                 log.warning("retrieval image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
                 continue
-            images[j], img_id[j], ok[j] = ops.eval_view(rgb, size, cfg.data.eval_crop), i, True
+            images[j], img_id[j], ok[j] = image, i, True
             texts = captions_of(value, max_len)
             captions += texts
             owners += [i] * len(texts)

@@ -3,8 +3,10 @@
 
 Training: `resize` squashes the whole image to a square (what the embedded sets need: their captions name
 positions, and every pixel is at the final size already), or `inception` takes CLIP's random-resized crop (a
-random area fraction and aspect ratio, then resize), optionally flipped. Evaluation: `resize`, or `centre`
-(shorter side to `size`, then the central square), the standard zero-shot protocol for photos.
+random area fraction and aspect ratio, then resize; the box follows torchvision's RandomResizedCrop), optionally
+flipped. Evaluation: `resize` (SigLIP's image processor), or `centre` (shorter side to `size`, then the central
+square: CLIP's image processor), the standard zero-shot protocol for photos. Resizing is Pillow's bicubic on
+uint8, as in transformers' PIL image processors.
 """
 
 import math
@@ -39,10 +41,16 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to `size` (aspect kept), then the central size x size square."""
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the shorter side resized to `size` (bicubic; smaller images are
+    upscaled), the longer to int(size * long / short), truncated, then the central square, its top-left corner at
+    ((H' - size) // 2, (W' - size) // 2). This is transformers' CLIPImageProcessor (PIL backend: resize
+    shortest_edge, center_crop) pixel for pixel; torchvision's Resize uses the same sizes, its CenterCrop rounds
+    the offset (half to even: one pixel further when the margin is 3 mod 4)."""
     h, w = image.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
     image = _resize(image, nw, nh)
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top : top + size, left : left + size]
@@ -91,4 +99,9 @@ def train_view(
 
 
 def eval_view(image: np.ndarray, size: int, crop: str, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3]: `centre` (centre_crop: transformers' CLIPImageProcessor) or
+    `resize` (a bicubic squash to size x size: SiglipImageProcessor), then to_float. Matches those processors'
+    PIL backends to 1e-6 (tests/test_image_fidelity.py). Raises ValueError for another crop name."""
+    if crop not in EVAL_CROPS:
+        raise ValueError(f"eval crop {crop!r} is not one of {EVAL_CROPS} (set data.eval_crop)")
     return to_float(centre_crop(image, size) if crop == "centre" else resize(image, size), mean, std)

@@ -47,13 +47,17 @@ def open_source(name: str, split: str, data_dir: str):
         "its source files available locally), or point --config.data.data_dir at where it is prepared"
     )
     try:
-        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
     except Exception as e:  # noqa: BLE001  unknown name and not a prepared folder either
         raise DataError(f"cannot find tfds dataset '{name}' in {data_dir} ({_one_line(e)}); {how}") from None
     if not prepared:
         raise DataError(f"tfds dataset '{name}' is not prepared in {data_dir}; {how}")
+    # Public sets' images stay encoded: tfds' own decoding ignores EXIF orientation and transparency, decode.image
+    # applies both. The embedded sets (written from clean RGB arrays) keep tfds' faster, cacheable decoding.
+    decoders = None if base in datasets.BUILDERS else datasets.encoded_images(builder.info.features)
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
     except Exception as e:  # noqa: BLE001  e.g. prepared as TFRecord (no random access) or a missing split
         raise DataError(f"cannot read '{name}' split '{split}' from {data_dir}: {_one_line(e)}") from None
 
@@ -79,6 +83,17 @@ def load_image(image, size: int) -> np.ndarray:
     if rgb is None:
         raise ValueError(f"bad image: {', '.join(decode.issue_names(bits))}")
     return ops.eval_view(rgb, size, "resize")
+
+
+def eval_image(cfg, value) -> tuple[np.ndarray | None, int]:
+    """What a model sees of a stored image at evaluation (every evaluator and the caption CLI use this one path):
+    decode.image, then ops.eval_view with data.eval_crop / image_mean / image_std. -> (float32 [S, S, 3], S =
+    model.image.image_size, or None for an unreadable image; decode's issue bits)."""
+    size, d = cfg.model.image.image_size, cfg.data
+    rgb, bits = decode.image(value, size, 1)
+    if rgb is None:
+        return None, bits
+    return ops.eval_view(rgb, size, d.eval_crop, d.image_mean, d.image_std), bits
 
 
 def field(record, key: str):
@@ -392,14 +407,12 @@ def eval_batches(cfg, *, batch_size: int, num_devices: int):
         batch["mask"][:n] = 1.0
         for j, r in enumerate(records):
             batch["label"][j] = int(r[e.label_key])
-            rgb, bits = decode.image(r[cfg.data.image_key], size, 1)
-            if rgb is None:  # an unreadable eval image is left out of the score (mask 0), and logged
+            image, bits = eval_image(cfg, r[cfg.data.image_key])
+            if image is None:  # an unreadable eval image is left out of the score (mask 0), and logged
                 batch["mask"][j] = 0.0
                 log.warning("eval image %d skipped: %s", idx[j], ", ".join(decode.issue_names(bits)))
             else:
-                batch["image"][j] = ops.eval_view(
-                    rgb, size, cfg.data.eval_crop, cfg.data.image_mean, cfg.data.image_std
-                )
+                batch["image"][j] = image
         if records and "unseen" in records[0]:
             batch["unseen"] = np.zeros((local,), np.float32)
             batch["unseen"][:n] = [float(r["unseen"]) for r in records]
