@@ -189,7 +189,7 @@ def test_weights_missing_a_layer_name_the_key(saved, tmp_path):
 def test_preprocessing_matches_the_hf_image_processors():
     """Our eval views with the imported constants equal transformers' (PIL) image processors' pixel values."""
     rng = np.random.default_rng(3)
-    # Sides chosen so the short-side resize is exact in both (HF truncates the long side, we round).
+    # tests/test_image_fidelity.py covers ~20 other sizes, odd and smaller than the crop.
     image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
     for family, processor in (
         ("clip", transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)),
