@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 
 from clip_jax import config as config_lib
+from clip_jax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -27,7 +28,7 @@ def test_every_base_key_has_a_comment():
 
 @pytest.mark.parametrize("module", [tiny_cpu, clip_b16, siglip_b16])
 def test_shipped_configs_validate(module):
-    config_lib.validate(module.get_config(), 8)
+    config_checks.validate(module.get_config(), 8)
 
 
 def test_unknown_key_in_a_config_file_is_refused_with_suggestion():
@@ -56,22 +57,22 @@ def test_batch_not_divisible_by_devices():
     with pytest.raises(
         config_lib.ConfigError, match=r"batch_size=100 does not divide over the 8 devices.*96 or 104"
     ):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
 
 
 def test_bad_choices_and_mesh():
     cfg = tiny_cpu.get_config()
     cfg.loss.kind = "softmx"
     with pytest.raises(config_lib.ConfigError, match="'loss.kind'.*'softmax', 'sigmoid'"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
     cfg = tiny_cpu.get_config()
     cfg.mesh.fsdp = 3
     with pytest.raises(config_lib.ConfigError, match="does not divide the 8 devices"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
     cfg = tiny_cpu.get_config()
     cfg.model.image.variant = "Q/16"
     with pytest.raises(config_lib.ConfigError, match="model.image.variant"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
 
 
 @pytest.mark.parametrize("data,fsdp,expect", [(-1, 1, (8, 1)), (2, -1, (2, 4)), (-1, 4, (2, 4)), (8, 1, (8, 1))])

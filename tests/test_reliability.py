@@ -22,7 +22,7 @@ import pytest
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import optim, sharding, train
+from clip_jax import config_checks, optim, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -406,7 +406,7 @@ BROKEN = [  # (overrides, what the one-line error must say)
     ([("nan_policy", "ignore")], r"'nan_policy' is 'ignore'; choose one of 'stop', 'skip'"),
     ([("model.image.image_size", 30)], r"image_size=30 is not a multiple of the patch size 8"),
     ([("model.text.eos_id", 5000)], r"'model.text.eos_id' is 5000, outside the vocabulary"),
-    ([("model.image.num_heads", 5)], r"model.image.width=96 does not split into model.image.num_heads=5"),
+    ([("model.image.num_heads", 5)], r"model.image.\*: width 96 is not divisible by num_heads 5"),
     ([("eval.batch_size", 100)], r"eval.batch_size=100 does not divide over the 8 devices"),
     ([("model.image.variant", "B16")], r"'model.image.variant' is 'B16'"),
     ([("debug.poison_step", -3)], r"'debug.poison_step' is -3"),
@@ -416,7 +416,7 @@ BROKEN = [  # (overrides, what the one-line error must say)
 @pytest.mark.parametrize("overrides,message", BROKEN, ids=[str(o[0][0]) for o in BROKEN])
 def test_broken_config_is_one_line(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message) as e:
-        config_lib.validate(_broken(overrides), 8)
+        config_checks.validate(_broken(overrides), 8)
     assert "\n" not in str(e.value)
 
 

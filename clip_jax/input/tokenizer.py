@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 
+KINDS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece")  # tokenizer.kind: what make() builds
 PAD, BOS, EOS = 0, 1, 2
 _FIRST_WORD_ID = 3
 _WORD = re.compile(r"[a-z0-9]+")
@@ -79,10 +80,7 @@ def make(cfg):
         cls = sentencepiece_tok.SentencePiece if kind == "sentencepiece" else sentencepiece_tok.SiglipSentencePiece
         tok = cls(text.max_len, cfg.tokenizer.path)
     else:
-        raise ValueError(
-            f"unknown tokenizer.kind {kind!r}; choose 'hashed_words', 'clip_bpe', 'sentencepiece' or "
-            "'siglip_sentencepiece'"
-        )
+        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
     if cfg.model.family == "coca" and tok.bos_id < 0:
         raise ValueError(f"model.family='coca' decodes from a start token, and the {kind} tokenizer has none")
     if text.vocab_size < tok.vocab_size:
