@@ -209,6 +209,21 @@ def check_keys(cfg) -> None:
             )
 
 
+def int_arg(arg: str, default: int, meaning: str) -> int:
+    """A config file's integer argument (`--config=configs/X.py:<int>`), or `default` when there is none.
+
+    Raises ConfigError naming the argument and what it means when it is not a positive integer."""
+    if not arg:
+        return default
+    try:
+        value = int(arg)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"the config argument {arg!r} must be a positive integer ({meaning}), e.g. {default}")
+    return value
+
+
 def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
     """(data, fsdp) sizes with -1 resolved; errors name the key."""
     data, fsdp = cfg.mesh.data, cfg.mesh.fsdp

@@ -11,6 +11,7 @@ the key, the bad value, the valid values (with the closest one, by difflib, as i
 
 import difflib
 import math
+import os
 import re
 
 # The module itself, not through the evaluate package (whose functions import train, which imports this module).
@@ -70,6 +71,7 @@ _NON_NEGATIVE = (
     "loss.contrastive_weight", "loss.caption_weight", "caption.length_penalty",
     "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
 )  # fmt: skip
+_MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where +inf means "off" (the temperature cap); NaN never passes
 _POSITIVE_OR_DEFAULT = (
     "model.image.width", "model.image.depth", "model.image.mlp_dim", "model.image.num_heads",
     "model.image.patch_size", "model.text.width", "model.text.depth", "model.text.mlp_dim", "model.text.num_heads",
@@ -88,8 +90,9 @@ def choice(key: str, value, names) -> None:
     names = tuple(names)
     if value in names:
         return
-    close = difflib.get_close_matches(str(value), [n for n in names if n], n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; e.g. --config.{key}={names[0]}"
+    named = [n for n in names if n]
+    close = difflib.get_close_matches(str(value), named, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; e.g. --config.{key}={named[0]}"
     raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, names))}{hint}")
 
 
@@ -123,7 +126,7 @@ def validate(cfg, num_devices: int) -> None:
 
 def _check_ranges(flat) -> None:
     for key, value in flat.items():
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not (math.isfinite(value) or (key in _MAY_BE_INFINITE and value > 0)):
             raise ConfigError(f"config key '{key}' is {value}; use a finite number")
     for key in _POSITIVE:
         if flat[key] <= 0:
@@ -242,6 +245,11 @@ def _check_tokenizer(cfg) -> None:
         raise ConfigError(
             f"config key 'tokenizer.path' is {path!r} but tokenizer.kind='hashed_words' reads no file; set "
             "--config.tokenizer.path='' or choose the tokenizer.kind that reads it"
+        )
+    if path and not os.path.isfile(path):
+        raise ConfigError(
+            f"config key 'tokenizer.path' is {path!r}: no such file; point it at the {kind} tokenizer's file"
+            + (" or set it to '' for the vendored merge list" if kind == "clip_bpe" else "")
         )
     try:
         tokenizer_lib.make(cfg)

@@ -83,19 +83,17 @@ def make(cfg):
         raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
     if cfg.model.family == "coca" and tok.bos_id < 0:
         raise ValueError(f"model.family='coca' decodes from a start token, and the {kind} tokenizer has none")
-    if text.vocab_size < tok.vocab_size:
-        raise ValueError(
-            f"model.text.vocab_size={text.vocab_size} is smaller than the {kind} tokenizer's {tok.vocab_size} ids; "
-            f"set --config.model.text.vocab_size={tok.vocab_size}"
-        )
-    if text.pool == "eos" and text.eos_id != tok.eos_id:
-        raise ValueError(
-            f"model.text.eos_id={text.eos_id} but the {kind} tokenizer ends captions with "
-            f"{tok.eos_id}; set --config.model.text.eos_id={tok.eos_id}"
-        )
+    # Every disagreement with the text tower at once, so a user switching tokenizers fixes them in one go.
+    fixes = []
+    if text.vocab_size < tok.vocab_size:  # a larger text vocabulary only has unused rows
+        fixes.append(f"model.text.vocab_size={tok.vocab_size} (is {text.vocab_size})")
+    if text.pool == "eos" and text.eos_id != tok.eos_id:  # eos_id matters only to the 'eos' pooling
+        fixes.append(f"model.text.eos_id={tok.eos_id} (is {text.eos_id})")
     if text.pad_id != tok.pad_id:
+        fixes.append(f"model.text.pad_id={tok.pad_id} (is {text.pad_id})")
+    if fixes:
         raise ValueError(
-            f"model.text.pad_id={text.pad_id} but the {kind} tokenizer pads with "
-            f"{tok.pad_id}; set --config.model.text.pad_id={tok.pad_id}"
+            f"the {kind} tokenizer ({tok.vocab_size} ids, end {tok.eos_id}, padding {tok.pad_id}) does not fit the "
+            "text tower; set " + ", ".join(f"--config.{fix}" for fix in fixes)
         )
     return tok
