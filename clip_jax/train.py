@@ -300,6 +300,10 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     from clu import parameter_overview
 
     config_checks.validate(cfg, jax.device_count())
+    # Bad datasets, splits and feature keys fail now, before the workdir is touched (the evaluators' not after
+    # hours of training).
+    pipeline.check_train_sources(cfg)
+    evaluate.check_sources(cfg)
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
     # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.
