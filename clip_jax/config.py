@@ -75,7 +75,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
     c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
-    c.model.remat = "none"  # models/layers.py REMAT_POLICIES: none | dots (keep matmul outputs) | full (block inputs)
+    c.model.remat = "none"  # layers.py REMAT_POLICIES: none | dots (keep matmul outputs) | full (block inputs)
     c.model.scan_layers = True  # lax.scan over the stacked blocks (False: unrolled; same parameters)
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/16"  # "<size>/<patch>", size in mu,Ti,S,M,B,L,So400m,H,g,G

@@ -71,7 +71,7 @@ _NON_NEGATIVE = (
     "loss.contrastive_weight", "loss.caption_weight", "caption.length_penalty",
     "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
 )  # fmt: skip
-_MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where +inf means "off" (the temperature cap); NaN never passes
+_MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where +inf means "off" (the temperature cap); never NaN
 _POSITIVE_OR_DEFAULT = (
     "model.image.width", "model.image.depth", "model.image.mlp_dim", "model.image.num_heads",
     "model.image.patch_size", "model.text.width", "model.text.depth", "model.text.mlp_dim", "model.text.num_heads",
@@ -183,8 +183,10 @@ def _check_batches(cfg, num_devices: int) -> None:
 
 
 def _check_data(cfg) -> None:
+    """The training data's name and mixture; whether the datasets exist is checked when a run starts
+    (pipeline.check_train_sources), as that needs the data."""
     if not cfg.data.name:
-        raise ConfigError("config key 'data.name' is empty; name a tfds dataset, e.g. --config.data.name=clip_shapes")
+        raise ConfigError("config key 'data.name' is empty; name a tfds dataset, e.g. clip_shapes")
     try:
         pipeline.mixture(cfg.data)
     except ValueError as e:
@@ -205,9 +207,10 @@ def _check_model(cfg) -> None:
     dims = {"image": _dims(cfg, "image"), "text": _dims(cfg, "text")}
     patch = dims["image"]["patch_size"]
     if image.image_size % patch:
+        fit = max(patch, image.image_size // patch * patch)
         raise ConfigError(
             f"model.image.image_size={image.image_size} is not a multiple of the patch size {patch} "
-            f"(model.image.variant / model.image.patch_size); use e.g. {max(patch, image.image_size // patch * patch)}"
+            f"(model.image.variant / model.image.patch_size); use e.g. {fit}"
         )
     for tower, sub in (("image", image), ("text", txt)):
         width = dims[tower]["width"]
@@ -232,8 +235,8 @@ def _dims(cfg, tower: str) -> dict:
         return layers.tower_dims(sub, with_patch=tower == "image")
     except ValueError as e:  # e.g. a width that the head count does not divide
         raise ConfigError(
-            f"config keys model.{tower}.*: {e} (model.{tower}.variant={sub.variant!r} gives the sizes that are -1); "
-            f"set model.{tower}.num_heads to a divisor of the width"
+            f"config keys model.{tower}.*: {e} (model.{tower}.variant={sub.variant!r} sets the sizes left at -1);"
+            f" set model.{tower}.num_heads to a divisor of the width"
         ) from None
 
 

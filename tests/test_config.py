@@ -82,10 +82,10 @@ def test_mesh_shape(data, fsdp, expect):
     assert config_lib.mesh_shape(cfg, 8) == expect
 
 
-def _cli(*args):
+def _cli(*args, mode="train"):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-m", "clip_jax.main", "train", "--workdir=/nonexistent/never", *args],
+        [sys.executable, "-m", "clip_jax.main", mode, "--workdir=/nonexistent/never", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -103,11 +103,16 @@ def _cli(*args):
         ),
         ("--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
         ("--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+        ("--config.data.eval_crop=center", "config key 'data.eval_crop' is 'center'; choose one of"),
+        ("--config.tokenizer.kind=clip_bpe", "does not fit the text tower; set --config.model.text.vocab_size="),
+        ("--config=configs/clip_b16.py:abc", "config argument 'abc' must be a positive integer"),
     ],
 )
-def test_cli_prints_one_line_and_exits_2(arg, message):
-    proc = _cli(arg)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cli_prints_one_line_and_exits_2(arg, message, mode):
+    proc = _cli(arg, mode=mode)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists("/nonexistent/never")

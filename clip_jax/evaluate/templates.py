@@ -45,7 +45,7 @@ def template_choices() -> tuple[str, ...]:
 
 
 def class_name_choices() -> tuple[str, ...]:
-    """Every valid eval.class_names: '' (automatic), 'label' (the ClassLabel names), then class_names.json's keys."""
+    """Every valid eval.class_names: '' (automatic), 'label' (the ClassLabel names), class_names.json's keys."""
     return ("", "label", *sorted(names_files()))
 
 

@@ -93,7 +93,7 @@ def make(cfg):
         fixes.append(f"model.text.pad_id={tok.pad_id} (is {text.pad_id})")
     if fixes:
         raise ValueError(
-            f"the {kind} tokenizer ({tok.vocab_size} ids, end {tok.eos_id}, padding {tok.pad_id}) does not fit the "
-            "text tower; set " + ", ".join(f"--config.{fix}" for fix in fixes)
+            f"the {kind} tokenizer ({tok.vocab_size} ids, end {tok.eos_id}, padding {tok.pad_id}) does not fit "
+            "the text tower; set " + ", ".join(f"--config.{fix}" for fix in fixes)
         )
     return tok
