@@ -71,7 +71,7 @@ _NON_NEGATIVE = (
     "loss.contrastive_weight", "loss.caption_weight", "caption.length_penalty",
     "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
 )  # fmt: skip
-_MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where +inf means "off" (the temperature cap); never NaN
+_MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where inf means "off" (the temperature cap); never NaN
 _POSITIVE_OR_DEFAULT = (
     "model.image.width", "model.image.depth", "model.image.mlp_dim", "model.image.num_heads",
     "model.image.patch_size", "model.text.width", "model.text.depth", "model.text.mlp_dim", "model.text.num_heads",
@@ -126,7 +126,8 @@ def validate(cfg, num_devices: int) -> None:
 
 def _check_ranges(flat) -> None:
     for key, value in flat.items():
-        if isinstance(value, float) and not (math.isfinite(value) or (key in _MAY_BE_INFINITE and value > 0)):
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (finite or (key in _MAY_BE_INFINITE and not math.isnan(value))):
             raise ConfigError(f"config key '{key}' is {value}; use a finite number")
     for key in _POSITIVE:
         if flat[key] <= 0:
@@ -211,6 +212,11 @@ def _check_model(cfg) -> None:
         raise ConfigError(
             f"model.image.image_size={image.image_size} is not a multiple of the patch size {patch} "
             f"(model.image.variant / model.image.patch_size); use e.g. {fit}"
+        )
+    if image.posemb == "sincos2d" and dims["image"]["width"] % 4:  # layers.posemb_sincos_2d: 4 channel groups
+        raise ConfigError(
+            f"model.image.posemb='sincos2d' needs a width divisible by 4, got model.image.width="
+            f"{dims['image']['width']}; change the width or use --config.model.image.posemb=learn"
         )
     for tower, sub in (("image", image), ("text", txt)):
         width = dims[tower]["width"]

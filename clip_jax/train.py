@@ -20,7 +20,7 @@ from flax import nnx
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import config_checks, evaluate, grad_cache, losses, nan_policy, optim, sharding, warm_start
-from clip_jax.input import pipeline
+from clip_jax.input import pipeline, preflight
 from clip_jax.models.families import MODELS  # model.family -> constructor
 
 
@@ -302,7 +302,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     config_checks.validate(cfg, jax.device_count())
     # Bad datasets, splits and feature keys fail now, before the workdir is touched (the evaluators' not after
     # hours of training).
-    pipeline.check_train_sources(cfg)
+    preflight.check_train_sources(cfg)
     evaluate.check_sources(cfg)
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)

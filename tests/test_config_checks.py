@@ -12,7 +12,7 @@ import pytest
 
 from clip_jax import config as config_lib
 from clip_jax import config_checks, datasets, evaluate, losses, nan_policy, sharding, train
-from clip_jax.input import ops, pipeline, tokenizer
+from clip_jax.input import ops, pipeline, preflight, tokenizer
 from clip_jax.models import layers, text, vit
 from clip_jax.models.families import MODELS
 
@@ -197,12 +197,12 @@ def test_dataset_keys_fail_before_the_run_starts(data_dir, overrides, message):
     cfg = _data_cfg(data_dir, **overrides)
     config_checks.validate(cfg, 8)  # names and keys of datasets need the data: checked when a run starts
     with pytest.raises((pipeline.DataError, config_lib.ConfigError)) as e:
-        pipeline.check_train_sources(cfg)
+        preflight.check_train_sources(cfg)
         evaluate.check_sources(cfg)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_good_datasets_pass_the_source_checks(data_dir):
     cfg = _data_cfg(data_dir, **{"eval.retrieval_dataset": "clip_shapes_captions/small"})
-    pipeline.check_train_sources(cfg)
+    preflight.check_train_sources(cfg)
     evaluate.check_sources(cfg)

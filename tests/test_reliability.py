@@ -439,6 +439,7 @@ BROKEN = [  # (overrides, what the one-line error must say)
     ([("model.image.width", 0)], r"'model.image.width' must be positive, or -1 for the default; got 0"),
     ([("model.text.depth", -3)], r"'model.text.depth' must be positive, or -1"),
     ([("model.image.patch_size", 7)], r"image_size=32 is not a multiple of the patch size 7"),
+    ([("model.image.width", 90), ("model.image.num_heads", 3)], r"posemb='sincos2d' needs a width divisible by 4"),
     ([("model.embed_dim", 64), ("model.image.proj", False)], r"model.image.proj=False needs model.image.width =="),
     ([("model.coca.pooler_heads", 0)], r"'model.coca.pooler_heads' must be positive, or -1"),
     ([("loss.tile", 0)], r"'loss.tile' must be positive, or -1"),

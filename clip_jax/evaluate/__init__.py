@@ -44,7 +44,7 @@ def check_sources(cfg) -> None:
     prompts, so that a bad dataset name, split, feature key, class-name list or template set fails in one line
     before training starts, not at the first evaluation. Raises pipeline.DataError or config.ConfigError."""
     from clip_jax.evaluate import templates
-    from clip_jax.input import pipeline
+    from clip_jax.input import pipeline, preflight
 
     e, data_dir = cfg.eval, cfg.data.data_dir
     names = enabled(cfg)
@@ -73,7 +73,7 @@ def check_sources(cfg) -> None:
             source = pipeline.open_source(dataset, split, data_dir)
         except pipeline.DataError as err:
             raise pipeline.DataError(f"{key}: {err}") from None
-        pipeline.check_features(source, f"{key}={dataset!r} (split '{split}')", features)
+        preflight.check_features(source, f"{key}={dataset!r} (split '{split}')", features)
 
 
 def section(metrics: dict, name: str) -> dict:

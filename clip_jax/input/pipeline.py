@@ -94,18 +94,6 @@ def field(record, key: str):
     return record
 
 
-def check_features(source, name: str, features) -> None:
-    """Raise a one-line DataError when the first record of `source` lacks a feature; `features` holds
-    (config key, feature) pairs. A bad data.text_key would otherwise only show as every record skipped."""
-    try:
-        record = source[0] if len(source) else None
-    except Exception:  # noqa: BLE001  an unreadable first record is counted and skipped later, like any other
-        return
-    for key, feature in features if isinstance(record, dict) else ():
-        if field(record, feature) is None:
-            raise DataError(f"{name} has no feature {key}={feature!r}; its features are {sorted(record)}")
-
-
 class _Preprocess(grain.transforms.MapWithIndex):
     """(index, record) -> {'image', 'tokens', '_issues'}, or {'_issues'} alone for a record to skip.
 
@@ -352,14 +340,6 @@ def mixture(data) -> list[tuple[str, float]]:
             raise ValueError(f"data.mixture entry {part.strip()!r} is not 'name:weight' with a positive weight")
         out.append((name, value))
     return out
-
-
-def check_train_sources(cfg) -> None:
-    """Open every training dataset (data.name or data.mixture) and check its first record has data.image_key and
-    data.text_key: one-line DataErrors before a run writes anything, rather than at its first batch."""
-    features = (("data.image_key", cfg.data.image_key), ("data.text_key", cfg.data.text_key))
-    for name, _ in mixture(cfg.data):
-        check_features(open_source(name, cfg.data.train_split, cfg.data.data_dir), name, features)
 
 
 def train_iterator(cfg):
