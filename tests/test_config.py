@@ -104,6 +104,7 @@ def _cli(*args, mode="train"):
         ),
         ("train", "--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
         ("train", "--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+        ("train", "--config.model.image=foo", "config key 'model.image' is a section; set its keys, e.g."),
         ("train", "--config.data.eval_crop=center", "config key 'data.eval_crop' is 'center'; choose one"),
         ("eval", "--config.data.eval_crop=center", "config key 'data.eval_crop' is 'center'; choose one"),
         ("train", "--config.tokenizer.kind=clip_bpe", "does not fit the text tower; set --config.model.text"),
