@@ -7,6 +7,8 @@ otherwise fail later, deep in a run: the tokenizer against the text tower (vocab
 file), the image size against the patch size, widths against head counts, regexes, batch sizes against the device
 count, the zero-shot templates and class names. A failure is a `config.ConfigError` whose one-line message names
 the key, the bad value, the valid values (with the closest one, by difflib, as in `config.check_keys`) and the fix.
+What needs the data (dataset names, splits, feature keys, class counts) is checked when a run starts, before it
+writes anything: input/preflight.py for training, evaluate.check_sources for the evaluators.
 """
 
 import difflib
@@ -190,7 +192,7 @@ def _check_batches(cfg, num_devices: int) -> None:
 
 def _check_data(cfg) -> None:
     """The training data's name and mixture; whether the datasets exist is checked when a run starts
-    (pipeline.check_train_sources), as that needs the data."""
+    (input/preflight.py), as that needs the data."""
     if not cfg.data.name:
         raise ConfigError("config key 'data.name' is empty; name a tfds dataset, e.g. clip_shapes")
     try:
