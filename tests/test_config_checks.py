@@ -103,6 +103,14 @@ def test_every_string_key_is_validated_or_accounted_for():
     assert covered - strings == set(), "config_checks names keys that base() does not have"
 
 
+def test_the_hf_conversion_speaks_the_same_vocabularies():
+    from clip_jax.convert import hf, hf_config
+
+    assert set(hf_config.ACT_TO_HF) == set(layers.ACTIVATIONS)  # every activation exports
+    assert set(hf_config.ACT_FROM_HF.values()) <= set(layers.ACTIVATIONS)
+    assert {crop for _, _, crop in hf.PREPROCESS.values()} <= set(ops.EVAL_CROPS)
+
+
 def test_sharding_rules_name_every_logical_axis_the_models_use():
     assert set(config_lib.base().sharding) == {name for name in layers.AXIS_NAMES if name}
     assert sharding.MESH_AXES == ("data", "fsdp")
