@@ -7,8 +7,8 @@ from clip_jax.config import ConfigError, _flatten, base
 
 
 def check_override_keys(argv) -> None:
-    """Reject `--config.<key>=...` flags naming a key that base() lacks, before absl/config_flags sees them
-    (config_flags would fail with a traceback)."""
+    """Reject `--config.<key>=...` flags naming a key that base() lacks, a whole section, or a value absl cannot
+    parse, before absl/config_flags sees them (they would fail with a traceback or a usage dump)."""
     known = _flatten(base())
     for arg in argv:
         if arg.startswith("--config."):
@@ -18,7 +18,10 @@ def check_override_keys(argv) -> None:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown config key '{key}' in {arg}{hint}")
             value = arg.split("=", 1)[1] if "=" in arg else None
-            if key in known and value is not None and not _parses_as(value, known[key]):
+            if key not in known:  # a whole section (absl would stop with a usage dump)
+                first = next(k for k in known if k.startswith(key + "."))
+                raise ConfigError(f"config key '{key}' is a section; set its keys, e.g. --config.{first}")
+            if value is not None and not _parses_as(value, known[key]):
                 kind = type(known[key]).__name__
                 raise ConfigError(f"config key '{key}' must be {kind}, got {value!r} in {arg}")
 

@@ -1,30 +1,15 @@
-"""Every configuration key, its default and what it means; plus validation.
+"""Every configuration key, its default and what it means; key and type checks.
 
 A config file in configs/ returns `base()` with some values changed. `base()` is locked, so a config file or a
 command-line override that names a key that does not exist fails at once (ml_collections suggests the closest
-key). `validate()` then checks values against each other and the device count before anything is compiled.
+key). `config_checks.validate()` then checks every value (choices against the modules that implement them, ranges,
+values against each other and the device count) before anything is compiled.
 """
 
 import difflib
 import math
 
 import ml_collections
-
-# Explicit choices (no string registries elsewhere: these tuples are the whole vocabulary).
-LOSS_KINDS = ("softmax", "sigmoid")
-LOSS_IMPLS = ("ring", "allgather")
-TOKENIZERS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece")
-TRAIN_CROPS = ("resize", "inception")  # data.train_crop (clip_jax/input/ops.py implements them)
-EVAL_CROPS = ("resize", "centre")  # data.eval_crop
-DTYPES = ("float32", "bfloat16")
-IMAGE_POOLS = ("gap", "map", "cls")
-TEXT_POOLS = ("eos", "last", "first", "mean", "argmax")
-ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")  # model.*.act (models/layers.py ACTIVATIONS)
-POSEMBS = ("learn", "sincos2d")
-SIZES = ("mu", "Ti", "S", "M", "B", "L", "So400m", "H", "g", "G")  # ViT size names (see models/layers.py)
-NAN_POLICIES = ("stop", "skip")
-REMAT_POLICIES = ("none", "dots", "full")  # model.remat (clip_jax/models/layers.py implements them)
-MODEL_FAMILIES = ("two_tower", "coca")  # model.family (the table is train.MODELS)
 
 
 class ConfigError(ValueError):
@@ -43,7 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 5000  # steps between evaluations (zero-shot, retrieval; 0 = only at the end)
     c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
     c.keep_ckpts = 3  # how many recent checkpoints to keep
-    c.nan_policy = "stop"  # NaN/Inf loss or grads: stop (name the step and last good ckpt) | skip (count, go on)
+    c.nan_policy = "stop"  # NaN/Inf loss or grads (nan_policy.py): stop (name step and last good ckpt) | skip
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)
@@ -70,10 +55,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.device_prefetch = 1  # batches copied to the devices ahead of the train step (0 = none)
     c.data.cache = False  # decode the whole train split into memory once (small datasets: no per-step decoding)
     c.data.min_image_size = 8  # images with a shorter side are skipped (and counted as tiny_image)
-    c.data.train_crop = "resize"  # one of TRAIN_CROPS: resize (whole image) | inception (random-resized crop)
+    c.data.train_crop = "resize"  # input/ops.py TRAIN_CROPS: resize (whole image) | inception (random-resized)
     c.data.crop_min_area = 0.9  # inception crop's smallest area fraction (0.9: captions name the scene)
     c.data.flip = False  # random horizontal flips in training (off: captions can say left/right)
-    c.data.eval_crop = "resize"  # one of EVAL_CROPS: resize (whole image) | centre (shorter side, centre square)
+    c.data.eval_crop = "resize"  # input/ops.py EVAL_CROPS: resize (whole image) | centre (shorter side, square)
     # Pixel normalisation (x/255 - mean) / std per RGB channel. The default maps to [-1, 1] (SigLIP's too);
     # imported OpenAI CLIPs need their own statistics (convert/hf.py records them).
     c.data.image_mean = (0.5, 0.5, 0.5)  # per-channel mean subtracted from pixels scaled to [0, 1]
@@ -81,11 +66,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.mixture = ""  # train on several tfds sets: 'name:weight,name:weight' (overrides data.name; same keys)
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "hashed_words"  # one of TOKENIZERS
+    c.tokenizer.kind = "hashed_words"  # input/tokenizer.py KINDS: hashed_words | clip_bpe | (siglip_)sentencepiece
     c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored merges; (siglip_)sentencepiece: a .model
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "two_tower"  # one of MODEL_FAMILIES: two_tower (CLIP/SigLIP/LiT) | coca
+    c.model.family = "two_tower"  # models/families.py MODELS: two_tower (CLIP/SigLIP/LiT) | coca
     c.model.embed_dim = 512  # joint embedding dim
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
@@ -93,7 +78,7 @@ def base() -> ml_collections.ConfigDict:
     # the stored log t is clamped after each update.
     c.model.max_log_t = math.log(100.0)  # cap on log t (t = exp(log_t) scales the logits); <= 0 or inf: no cap
     c.model.bias_init = 0.0  # SigLIP uses -10; unused by the softmax loss
-    c.model.remat = "none"  # REMAT_POLICIES: none | dots (keep matmul outputs) | full (keep block inputs only)
+    c.model.remat = "none"  # layers.py REMAT_POLICIES: none | dots (keep matmul outputs) | full (block inputs)
     c.model.scan_layers = True  # lax.scan over the stacked blocks (False: unrolled; same parameters)
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/16"  # "<size>/<patch>", size in mu,Ti,S,M,B,L,So400m,H,g,G
@@ -227,12 +212,19 @@ def check_keys(cfg) -> None:
             )
 
 
-def _choice(cfg, key, choices):
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    if value not in choices:
-        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(repr, choices))}")
+def int_arg(arg: str, default: int, meaning: str) -> int:
+    """A config file's integer argument (`--config=configs/X.py:<int>`), or `default` when there is none.
+
+    Raises ConfigError naming the argument and what it means when it is not a positive integer."""
+    if not arg:
+        return default
+    try:
+        value = int(arg)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"the config argument {arg!r} must be a positive integer ({meaning}), e.g. {default}")
+    return value
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
@@ -251,146 +243,6 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
     if data * fsdp != num_devices:
         raise ConfigError(f"mesh.data * mesh.fsdp = {data}*{fsdp} != {num_devices} devices")
     return data, fsdp
-
-
-def validate(cfg, num_devices: int) -> None:
-    """Reject a config before anything is compiled. Raises ConfigError with a one-line message."""
-    check_keys(cfg)
-    _choice(cfg, "model.family", MODEL_FAMILIES)
-    _choice(cfg, "loss.kind", LOSS_KINDS)
-    _choice(cfg, "loss.impl", LOSS_IMPLS)
-    _choice(cfg, "tokenizer.kind", TOKENIZERS)
-    _choice(cfg, "model.dtype", DTYPES)
-    _choice(cfg, "model.image.pool", IMAGE_POOLS)
-    _choice(cfg, "model.text.pool", TEXT_POOLS)
-    _choice(cfg, "model.image.posemb", POSEMBS)
-    _choice(cfg, "model.remat", REMAT_POLICIES)
-    _choice(cfg, "model.image.remat", REMAT_POLICIES + ("",))
-    _choice(cfg, "model.text.remat", REMAT_POLICIES + ("",))
-    _choice(cfg, "model.image.act", ACTIVATIONS)
-    _choice(cfg, "model.text.act", ACTIVATIONS)
-    size, _, patch = cfg.model.image.variant.partition("/")
-    if size not in SIZES or not patch.isdigit():
-        raise ConfigError(
-            f"config key 'model.image.variant' is {cfg.model.image.variant!r}; use '<size>/<patch>' "
-            f"with size in {', '.join(SIZES)}, e.g. 'B/16'"
-        )
-    if cfg.model.text.variant not in SIZES:
-        raise ConfigError(
-            f"config key 'model.text.variant' is {cfg.model.text.variant!r}; choose one of {', '.join(SIZES)}"
-        )
-    _choice(cfg, "nan_policy", NAN_POLICIES)
-    _check_ranges(cfg)
-    mesh_shape(cfg, num_devices)  # raises on a bad mesh
-    if cfg.batch_size % num_devices:
-        lo = cfg.batch_size // num_devices * num_devices
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
-            f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}"
-        )
-    if cfg.batch_size % (num_devices * cfg.accum_steps):
-        per = num_devices * cfg.accum_steps
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} does not split into accum_steps={cfg.accum_steps} micro-batches over "
-            f"{num_devices} devices; use a multiple of {per} (devices x accum_steps), or change accum_steps"
-        )
-    if cfg.loss.tile > 0 and (cfg.batch_size // num_devices) % cfg.loss.tile:
-        n = cfg.batch_size // num_devices
-        raise ConfigError(
-            f"loss.tile={cfg.loss.tile} does not divide the per-device batch {n} "
-            f"(batch_size {cfg.batch_size} over {num_devices} devices); pick a divisor of {n}"
-        )
-    if not cfg.data.name:
-        raise ConfigError("config key 'data.name' is empty; name a tfds dataset")
-    if (
-        cfg.eval.dataset or cfg.eval.retrieval_dataset or cfg.eval.probe_dataset
-    ) and cfg.eval.batch_size % num_devices:
-        raise ConfigError(
-            f"eval.batch_size={cfg.eval.batch_size} does not divide over the {num_devices} devices; "
-            f"use a multiple of {num_devices}"
-        )
-    _check_model(cfg)
-    if cfg.model.family == "coca":
-        _check_coca(cfg, num_devices)
-
-
-# Keys that must be > 0, and keys that must be >= 0 (0 means "off" or "none" for them).
-_POSITIVE = (
-    "batch_size", "total_steps", "accum_steps", "log_every", "eval.batch_size", "keep_ckpts", "optim.lr", "optim.eps",
-    "model.embed_dim", "model.image.image_size", "model.text.vocab_size", "model.text.max_len",
-    "eval.retrieval_tile", "eval.probe_c",
-    "model.image.ln_eps", "model.text.ln_eps",
-)  # fmt: skip
-_NON_NEGATIVE = (
-    "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
-    "loss.contrastive_weight", "loss.caption_weight",
-    "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
-)  # fmt: skip
-
-
-def _check_ranges(cfg) -> None:
-    flat = _flatten(cfg)
-    for key in _POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {flat[key]}")
-    for key in _NON_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
-    for key in ("data.image_mean", "data.image_std"):
-        if len(flat[key]) != 3 or (key.endswith("std") and min(flat[key]) <= 0):
-            raise ConfigError(f"config key '{key}' must be 3 numbers (R, G, B){' > 0' * key.endswith('std')}")
-    for key in ("optim.b1", "optim.b2"):
-        if not 0 <= flat[key] < 1:
-            raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
-    if math.isnan(cfg.model.max_log_t):
-        raise ConfigError("config key 'model.max_log_t' is NaN; use a number (<= 0 or inf disables the cap)")
-    if cfg.debug.poison_step < -1:
-        raise ConfigError(f"config key 'debug.poison_step' is {cfg.debug.poison_step}; use a step >= 1, or -1")
-
-
-def _check_model(cfg) -> None:
-    """Shape facts the model would otherwise discover deep inside tracing, with a JAX traceback."""
-    image, text = cfg.model.image, cfg.model.text
-    patch = image.patch_size if image.patch_size > 0 else int(image.variant.partition("/")[2])
-    if image.image_size % patch:
-        raise ConfigError(
-            f"model.image.image_size={image.image_size} is not a multiple of the patch size {patch} "
-            f"(model.image.variant / model.image.patch_size)"
-        )
-    for key in ("eos_id", "pad_id") if text.pool == "eos" else ("pad_id",):  # eos_id matters only to 'eos'
-        if text[key] >= text.vocab_size:
-            raise ConfigError(
-                f"config key 'model.text.{key}' is {text[key]}, outside the vocabulary "
-                f"(model.text.vocab_size={text.vocab_size})"
-            )
-    for tower, sub in (("image", image), ("text", text)):
-        if sub.width > 0 and sub.num_heads > 0 and sub.width % sub.num_heads:
-            raise ConfigError(
-                f"model.{tower}.width={sub.width} does not split into model.{tower}.num_heads={sub.num_heads}"
-            )
-
-
-def _check_coca(cfg, num_devices: int) -> None:
-    """CoCa's text tower is a decoder: it must be causal (no look-ahead) and generation must fit its positions."""
-    text, coca, cap = cfg.model.text, cfg.model.coca, cfg.caption
-    if not text.causal:
-        raise ConfigError("model.family='coca' needs model.text.causal=True (the text tower is a decoder)")
-    if text.max_len < 2:
-        raise ConfigError(f"model.text.max_len={text.max_len}: a caption needs at least start and end tokens")
-    for key in ("num_queries", "caption_chunk"):
-        if coca[key] <= 0:
-            raise ConfigError(f"config key 'model.coca.{key}' must be positive, got {coca[key]}")
-    if cap.beam_size < 1:
-        raise ConfigError(f"config key 'caption.beam_size' must be >= 1, got {cap.beam_size}")
-    if cap.max_len > text.max_len or cap.max_len in (0, 1):
-        raise ConfigError(
-            f"config key 'caption.max_len' is {cap.max_len}; use 2..model.text.max_len={text.max_len}, or -1"
-        )
-    if cap.dataset and cap.batch_size % num_devices:
-        raise ConfigError(
-            f"caption.batch_size={cap.batch_size} does not divide over the {num_devices} devices; "
-            f"use a multiple of {num_devices}"
-        )
 
 
 def model_fingerprint(cfg) -> dict:

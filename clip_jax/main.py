@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clip_jax import cli_checks
+from clip_jax import cli_checks, config_checks
 from clip_jax import config as config_lib
 
 if __name__ == "__main__":
@@ -133,7 +133,7 @@ def main(argv):
         return convert()
     cfg = _CONFIG.value
     try:
-        config_lib.validate(cfg, jax.device_count())
+        config_checks.validate(cfg, jax.device_count())
         if argv[1] == "caption":
             from clip_jax.evaluate import captioning
 

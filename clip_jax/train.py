@@ -19,12 +19,9 @@ from flax import nnx
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import evaluate, grad_cache, losses, optim, sharding, warm_start
-from clip_jax.input import pipeline
-from clip_jax.models import coca, two_tower
-
-# Model family -> constructor. An explicit table: adding a family is one line here plus its module.
-MODELS = {"two_tower": two_tower.TwoTower, "coca": coca.CoCa}
+from clip_jax import config_checks, evaluate, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax.input import pipeline, preflight
+from clip_jax.models.families import MODELS  # model.family -> constructor
 
 
 class TrainingError(RuntimeError):
@@ -42,11 +39,15 @@ USER_ERRORS = (
 
 
 def build_model(cfg, seed: int):
+    """The model cfg.model describes. Its constructor's own checks (ValueError) become one-line ConfigErrors."""
     if cfg.model.family not in MODELS:
         raise config_lib.ConfigError(
             f"model.family={cfg.model.family!r} is not built; choose one of {list(MODELS)}"
         )
-    return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
+    try:
+        return MODELS[cfg.model.family](cfg.model, rngs=nnx.Rngs(params=seed))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"cannot build model.family={cfg.model.family!r}: {e}") from None
 
 
 def _init_fn(cfg, opt, rng):
@@ -233,7 +234,7 @@ def _check_nonfinite(cfg, averager, ckpt, skipped: list) -> None:
     """Apply cfg.nan_policy to the steps since the last check. Called before every log and every save, so with
     'stop' nothing trained after a bad step is ever written. The bad step's update itself was never applied."""
     bad = averager.nonfinite_steps()
-    if bad and cfg.nan_policy == "stop":
+    if bad and cfg.nan_policy == nan_policy.STOP:
         ckpt.wait()
         raise TrainingError(
             f"the loss or gradients became NaN/Inf at step {bad[0]} (nan_policy='stop'); its update was not "
@@ -322,7 +323,11 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     """
     from clu import parameter_overview
 
-    config_lib.validate(cfg, jax.device_count())
+    config_checks.validate(cfg, jax.device_count())
+    # Bad datasets, splits and feature keys fail now, before the workdir is touched (the evaluators' not after
+    # hours of training).
+    preflight.check_train_sources(cfg)
+    evaluate.check_sources(cfg)
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
     # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.

@@ -6,12 +6,13 @@ For pods: point data.name at a prepared image-text tfds dataset and eval.dataset
 
 import math
 
+from clip_jax import config
 from clip_jax.config import base
 
 
 def get_config(arg: str = ""):
     c = base()
-    c.batch_size = int(arg) if arg else 32768
+    c.batch_size = config.int_arg(arg, 32768, "the global batch size")
     c.total_steps = 100_000
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"

@@ -10,12 +10,13 @@ Adafactor with decoupled weight decay) at the paper's peak learning rate and wei
 
 import math
 
+from clip_jax import config
 from clip_jax.config import base
 
 
 def get_config(arg: str = ""):
     c = base()
-    c.batch_size = int(arg) if arg else 65536
+    c.batch_size = config.int_arg(arg, 65536, "the global batch size")
     c.total_steps = 500_000
     c.model.family = "coca"
     c.model.embed_dim = 512

@@ -14,10 +14,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_cpu  # noqa: E402
 
+from clip_jax import config  # noqa: E402
+
 
 def get_config(arg: str = ""):
     c = tiny_cpu.get_config()
-    c.total_steps = int(arg) if arg else 400
+    c.total_steps = config.int_arg(arg, 400, "the number of training steps")
     c.log_every, c.eval_every, c.ckpt_every = 50, 0, 200
     c.batch_size = 64
     # Decoding 64 PNGs per step costs little next to the step itself; caching all 50k first costs minutes.

@@ -6,12 +6,13 @@ MAP-head pooling, bidirectional text tower pooled at the last token, 32k batch.
 
 import math
 
+from clip_jax import config
 from clip_jax.config import base
 
 
 def get_config(arg: str = ""):
     c = base()
-    c.batch_size = int(arg) if arg else 32768
+    c.batch_size = config.int_arg(arg, 32768, "the global batch size")
     c.total_steps = 100_000
     c.model.embed_dim = 768
     c.model.dtype = "bfloat16"

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import optim, sharding, train
+from clip_jax import config_checks, optim, sharding, train
 from clip_jax.models import layers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -20,7 +20,7 @@ import coca_tiny  # noqa: E402
 def test_coca_b16_compiles_its_train_step():
     cfg = coca_b16.get_config("16")
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
-    config_lib.validate(cfg, jax.device_count())
+    config_checks.validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(cfg)
     opt = optim.make(cfg)
     graphdef, abstract, shardings = train.state_shardings(cfg, mesh, opt)
@@ -63,4 +63,4 @@ def test_bad_coca_settings_are_config_errors(key, value, message):
         node = node[part]
     node[last] = value
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)

@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 
 from clip_jax import config as config_lib
+from clip_jax import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -27,7 +28,7 @@ def test_every_base_key_has_a_comment():
 
 @pytest.mark.parametrize("module", [tiny_cpu, clip_b16, siglip_b16])
 def test_shipped_configs_validate(module):
-    config_lib.validate(module.get_config(), 8)
+    config_checks.validate(module.get_config(), 8)
 
 
 def test_unknown_key_in_a_config_file_is_refused_with_suggestion():
@@ -56,22 +57,22 @@ def test_batch_not_divisible_by_devices():
     with pytest.raises(
         config_lib.ConfigError, match=r"batch_size=100 does not divide over the 8 devices.*96 or 104"
     ):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
 
 
 def test_bad_choices_and_mesh():
     cfg = tiny_cpu.get_config()
     cfg.loss.kind = "softmx"
     with pytest.raises(config_lib.ConfigError, match="'loss.kind'.*'softmax', 'sigmoid'"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
     cfg = tiny_cpu.get_config()
     cfg.mesh.fsdp = 3
     with pytest.raises(config_lib.ConfigError, match="does not divide the 8 devices"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
     cfg = tiny_cpu.get_config()
     cfg.model.image.variant = "Q/16"
     with pytest.raises(config_lib.ConfigError, match="model.image.variant"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
 
 
 @pytest.mark.parametrize("data,fsdp,expect", [(-1, 1, (8, 1)), (2, -1, (2, 4)), (-1, 4, (2, 4)), (8, 1, (8, 1))])
@@ -81,10 +82,10 @@ def test_mesh_shape(data, fsdp, expect):
     assert config_lib.mesh_shape(cfg, 8) == expect
 
 
-def _cli(*args):
+def _cli(*args, mode="train"):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-m", "clip_jax.main", "train", "--workdir=/nonexistent/never", *args],
+        [sys.executable, "-m", "clip_jax.main", mode, "--workdir=/nonexistent/never", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -94,19 +95,27 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize(
-    "arg,message",
+    "mode,arg,message",
     [
         (
+            "train",
             "--config.batchsize=3",
             "unknown config key 'batchsize' in --config.batchsize=3; did you mean 'batch_size'?",
         ),
-        ("--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
-        ("--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+        ("train", "--config.batch_size=100", "batch_size=100 does not divide over the 8 devices"),
+        ("train", "--config.model.text.pool=avg", "config key 'model.text.pool' is 'avg'"),
+        ("train", "--config.model.image=foo", "config key 'model.image' is a section; set its keys, e.g."),
+        ("train", "--config.data.eval_crop=center", "config key 'data.eval_crop' is 'center'; choose one"),
+        ("eval", "--config.data.eval_crop=center", "config key 'data.eval_crop' is 'center'; choose one"),
+        ("train", "--config.tokenizer.kind=clip_bpe", "does not fit the text tower; set --config.model.text"),
+        ("eval", "--config.tokenizer.kind=clip_bpe", "does not fit the text tower; set --config.model.text"),
+        ("eval", "--config=configs/clip_b16.py:abc", "config argument 'abc' must be a positive integer"),
     ],
 )
-def test_cli_prints_one_line_and_exits_2(arg, message):
-    proc = _cli(arg)
+def test_cli_prints_one_line_and_exits_2(mode, arg, message):
+    proc = _cli(arg, mode=mode)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists("/nonexistent/never")

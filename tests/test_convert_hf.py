@@ -256,12 +256,13 @@ def test_cli_import_then_eval_and_export(tmp_path):
 
 def test_new_model_options_are_validated():
     from clip_jax import config as config_lib
+    from clip_jax import config_checks
 
     cfg = config_lib.base()
     cfg.model.text.act = "relu"
     with pytest.raises(config_lib.ConfigError, match="model.text.act"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
     cfg = config_lib.base()
     cfg.data.image_std = (0.5, 0.0, 0.5)
     with pytest.raises(config_lib.ConfigError, match="data.image_std"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)

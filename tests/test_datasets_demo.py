@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_jax import config as config_lib
-from clip_jax import datasets
+from clip_jax import config_checks, datasets
 from clip_jax.datasets import debian, emoji, fashion
 from clip_jax.evaluate import templates
 from clip_jax.input import pipeline
@@ -279,7 +278,7 @@ def test_skimage_rgba_over_white():
 )
 def test_tiny_cpu_demo_variants(arg, train, zero_shot, prompts):
     cfg = tiny_cpu.get_config(arg)
-    config_lib.validate(cfg, 8)
+    config_checks.validate(cfg, 8)
     assert (cfg.data.name, cfg.eval.dataset) == (train, zero_shot)
     if prompts:
         assert cfg.eval.templates == prompts and prompts in templates.template_sets()

@@ -9,7 +9,7 @@ from test_train import small_config
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import optim, sharding, train
+from clip_jax import config_checks, optim, sharding, train
 
 
 def _restore(cfg, workdir):
@@ -96,7 +96,7 @@ def test_lit_config_locks_the_image_encoder_but_not_its_projection():
 
     lit_b16 = importlib.import_module("configs.lit_b16")
     cfg = lit_b16.get_config("/some/pretrained/run")
-    config_lib.validate(cfg, 8)
+    config_checks.validate(cfg, 8)
     params = nnx.to_pure_dict(nnx.state(two_tower.abstract(cfg.model), nnx.Param))
     frozen = optim.frozen_paths(cfg, params)
     image = [p for p in optim.param_paths(params) if p.startswith("image/")]

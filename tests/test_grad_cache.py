@@ -9,7 +9,7 @@ import pytest
 from test_train import small_config
 
 from clip_jax import config as config_lib
-from clip_jax import grad_cache, optim, sharding, train
+from clip_jax import config_checks, grad_cache, optim, sharding, train
 
 
 def _grads(cfg, batch, accum_steps):
@@ -93,7 +93,7 @@ def test_split_and_merge_are_inverse_and_keep_rows_on_their_device():
 def test_batch_that_does_not_split_into_micro_batches_is_a_config_error(tmp_path):
     cfg = small_config(tmp_path, batch_size=64, accum_steps=16)
     with pytest.raises(config_lib.ConfigError, match="accum_steps=16"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)
 
 
 def test_accumulation_with_a_captioning_model(tmp_path):

@@ -10,8 +10,7 @@ import sys
 import jax
 import pytest
 
-from clip_jax import config as config_lib
-from clip_jax import optim, sharding, train
+from clip_jax import config_checks, optim, sharding, train
 from clip_jax.models import two_tower
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -23,7 +22,7 @@ import siglip_b16  # noqa: E402
 def test_paper_config_compiles_its_train_step(module, kind, params_m):
     cfg = module.get_config("16")
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
-    config_lib.validate(cfg, jax.device_count())
+    config_checks.validate(cfg, jax.device_count())
     assert cfg.loss.kind == kind
     mesh = sharding.make_mesh(cfg)
     opt = optim.make(cfg)

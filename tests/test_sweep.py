@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from clip_jax import cli_checks, train
+from clip_jax import cli_checks, config_checks, train
 from clip_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ def test_emitted_commands_parse_back_into_the_point_configs():
         assert cfg.model.log_t_init == sweep.LOSS_INIT[point.loss][0]
         assert cfg.model.bias_init == sweep.LOSS_INIT[point.loss][1]
         assert cfg.data.data_dir == "/data/tfds" and cfg.model.remat == "full"
-        config_lib.validate(cfg, 64)
+        config_checks.validate(cfg, 64)
 
 
 def test_bad_set_override_is_one_clear_error():

@@ -16,6 +16,7 @@ from test_loss_precision import float64_reference
 from test_train import small_config
 
 from clip_jax import config as config_lib
+from clip_jax import config_checks
 from clip_jax import optim, sharding, train
 
 CAP = math.log(100.0)
@@ -85,4 +86,4 @@ def test_nan_cap_is_a_config_error():
     cfg = config_lib.base()
     cfg.model.max_log_t = float("nan")
     with pytest.raises(config_lib.ConfigError, match="model.max_log_t"):
-        config_lib.validate(cfg, 8)
+        config_checks.validate(cfg, 8)

@@ -120,9 +120,9 @@ def write_checkpoint(cfg, params, workdir):
     import jax
     import jax.numpy as jnp
 
-    from clip_jax import checkpoint, config, optim, sharding, train
+    from clip_jax import checkpoint, config_checks, optim, sharding, train
 
-    config.validate(cfg, jax.device_count())
+    config_checks.validate(cfg, jax.device_count(), tokenizer=False)  # see NO_TOKENIZER
     mesh, opt = sharding.make_mesh(cfg), optim.make(cfg)
     _, abstract, shardings = train.state_shardings(cfg, mesh, opt)
     want = jax.tree.structure(abstract["params"])

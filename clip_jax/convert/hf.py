@@ -27,7 +27,6 @@ PREPROCESS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "centre"),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize"),
 }
-CLIP_BPE_VOCAB = 49408  # the vocabulary of OpenAI's BPE (our tokenizer.kind='clip_bpe')
 
 
 class ConversionError(ValueError):

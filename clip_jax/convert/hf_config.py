@@ -8,7 +8,8 @@ import math
 import ml_collections
 
 from clip_jax import config as config_lib
-from clip_jax.convert.hf import CLIP_BPE_VOCAB, FAMILIES, PREPROCESS, ConversionError
+from clip_jax.convert.hf import FAMILIES, PREPROCESS, ConversionError
+from clip_jax.input.clip_bpe import VOCAB_SIZE as CLIP_BPE_VOCAB  # a model with it uses tokenizer.kind='clip_bpe'
 from clip_jax.models import layers
 
 # HF activation name -> ours. gelu_new and gelu_pytorch_tanh are the same tanh formula.

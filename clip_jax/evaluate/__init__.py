@@ -39,6 +39,43 @@ def run(cfg, params, graphdef, mesh, encoders=None) -> dict:
     return out
 
 
+def check_sources(cfg) -> None:
+    """Open the dataset of every evaluator the config switches on and resolve the zero-shot class names and
+    prompts, so that a bad dataset name, split, feature key, class-name list or template set fails in one line
+    before training starts, not at the first evaluation. Raises pipeline.DataError or config.ConfigError."""
+    from clip_jax.evaluate import templates
+    from clip_jax.input import pipeline, preflight
+
+    e, data_dir = cfg.eval, cfg.data.data_dir
+    names = enabled(cfg)
+    if "zeroshot" in names:  # also checks that eval.label_key is a ClassLabel feature
+        try:
+            label_names = pipeline.class_names(cfg)
+        except pipeline.DataError as err:
+            raise pipeline.DataError(f"eval.dataset: {err}") from None
+        templates.class_prompts(e.templates, templates.class_names(e.class_names, e.dataset, label_names))
+    needs = []  # (config key of the dataset, dataset, split, (config key of a feature, feature) pairs)
+    if "zeroshot" in names:
+        needs.append(("eval.dataset", e.dataset, e.split, (("data.image_key", cfg.data.image_key),)))
+    if "retrieval" in names:
+        features = (("eval.retrieval_image_key", e.retrieval_image_key), ("eval.retrieval_text_key",
+                    e.retrieval_text_key))  # fmt: skip
+        needs.append(("eval.retrieval_dataset", e.retrieval_dataset, e.retrieval_split, features))
+    if "probe" in names:
+        for split in (e.probe_train_split, e.probe_test_split):
+            features = (("data.image_key", cfg.data.image_key), ("eval.probe_label_key", e.probe_label_key))
+            needs.append(("eval.probe_dataset", e.probe_dataset, split, features))
+    if "captioning" in names:
+        features = (("data.image_key", cfg.data.image_key), ("data.text_key", cfg.data.text_key))
+        needs.append(("caption.dataset", cfg.caption.dataset, cfg.caption.split, features))
+    for key, dataset, split, features in needs:
+        try:
+            source = pipeline.open_source(dataset, split, data_dir)
+        except pipeline.DataError as err:
+            raise pipeline.DataError(f"{key}: {err}") from None
+        preflight.check_features(source, f"{key}={dataset!r} (split '{split}')", features)
+
+
 def section(metrics: dict, name: str) -> dict:
     """The metrics of one evaluator, without its prefix: section(m, 'zeroshot')['top1']."""
     prefix = name + "/"
@@ -73,6 +110,7 @@ def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
         raise train.TrainingError(
             "no evaluator configured: set eval.dataset, eval.retrieval_dataset and/or eval.probe_dataset"
         )
+    check_sources(cfg)
     mesh = sharding.make_mesh(cfg)
     graphdef, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(source, cfg)

@@ -10,6 +10,8 @@ import functools
 import json
 import os
 
+from clip_jax.config import ConfigError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # tfds datasets that share another's classes in the same label order.
 NAME_ALIASES = {
@@ -35,6 +37,18 @@ def names_files() -> dict[str, tuple[str, ...]]:
     return _load("class_names.json")
 
 
+def template_choices() -> tuple[str, ...]:
+    """Every valid eval.templates: the sets of templates.json and the embedded datasets' own prompt sets."""
+    from clip_jax import datasets
+
+    return tuple(dict.fromkeys([*sorted(template_sets()), *datasets.PROMPT_TEMPLATES]))
+
+
+def class_name_choices() -> tuple[str, ...]:
+    """Every valid eval.class_names: '' (automatic), 'label' (the ClassLabel names), class_names.json's keys."""
+    return ("", "label", *sorted(names_files()))
+
+
 def class_names(choice: str, dataset: str, label_names) -> list[str]:
     """The class names to prompt with. choice (eval.class_names): '' = the names file of `dataset` if there is one,
     else its ClassLabel names; 'label' = the ClassLabel names; any other = that entry of class_names.json."""
@@ -49,13 +63,13 @@ def class_names(choice: str, dataset: str, label_names) -> list[str]:
     else:
         key = choice
         if key not in names_files():
-            raise ValueError(
+            raise ConfigError(
                 f"eval.class_names={choice!r} is not in {os.path.join(DATA_DIR, 'class_names.json')}; use one of "
                 f"{sorted(names_files())}, 'label' (the dataset's ClassLabel names) or '' (automatic)"
             )
     names = list(names_files()[key])
     if len(names) != len(label_names):
-        raise ValueError(
+        raise ConfigError(
             f"class names '{key}' list {len(names)} classes but {dataset} has {len(label_names)}; set "
             "eval.class_names='label' to use the dataset's own names"
         )
@@ -68,9 +82,12 @@ def class_prompts(templates: str, class_names) -> list[list[str]]:
 
     if templates in datasets.PROMPT_TEMPLATES:
         if list(class_names) != list(datasets.class_names(templates)):
-            raise ValueError(f"eval.templates={templates!r} are that dataset's prompts but the class names differ")
+            raise ConfigError(
+                f"eval.templates={templates!r} are that dataset's prompts but the class names differ; use a set "
+                "of templates.json (e.g. 'plain') for other datasets"
+            )
         return [list(p) for p in datasets.prompts(templates)]
     sets = template_sets()
     if templates not in sets:
-        raise ValueError(f"unknown eval.templates {templates!r}; choose one of {sorted(sets)}")
+        raise ConfigError(f"unknown eval.templates {templates!r}; choose one of {', '.join(template_choices())}")
     return [[t.format(name) for t in sets[templates]] for name in class_names]

@@ -28,6 +28,8 @@ import ftfy
 import numpy as np
 import regex
 
+from clip_jax.input.caption_ids import body_ids
+
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SIZE = 49408
 # CLIP keeps the first 49152 - 256 - 2 merges: 256 bytes + 256 word-final bytes + merges + 2 specials = 49408.
@@ -167,7 +169,6 @@ class ClipBPE:
     def decode(self, ids) -> str:
         """Ids -> text up to the end token: symbols joined, '</w>' read as a space, stand-ins mapped back to bytes.
         Gives the cleaned text (lower case, single spaces). Id 0 before the end token is "!", not padding."""
-        from clip_jax.input.tokenizer import body_ids  # the shared rule for start/end tokens
 
         if self._symbols is None:
             self._symbols = {i: s for s, i in self.encoder.items()}

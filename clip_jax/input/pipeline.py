@@ -70,7 +70,13 @@ def _one_line(e: Exception, limit: int = 300) -> str:
 def class_names(cfg) -> list[str]:
     """Class names of the zero-shot set, from its ClassLabel feature."""
     source = open_source(cfg.eval.dataset, cfg.eval.split, cfg.data.data_dir)
-    feature = source.dataset_info.features[cfg.eval.label_key]
+    features = source.dataset_info.features
+    if cfg.eval.label_key not in features:
+        raise DataError(
+            f"{cfg.eval.dataset} has no feature eval.label_key={cfg.eval.label_key!r}; its features are "
+            f"{sorted(features.keys())}"
+        )
+    feature = features[cfg.eval.label_key]
     if not hasattr(feature, "names"):
         raise DataError(f"eval.label_key '{cfg.eval.label_key}' of {cfg.eval.dataset} is not a ClassLabel feature")
     return list(feature.names)

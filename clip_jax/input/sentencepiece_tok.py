@@ -18,6 +18,8 @@ import string
 
 import numpy as np
 
+from clip_jax.input.caption_ids import body_ids
+
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -71,7 +73,6 @@ class SentencePiece:
 
     def decode(self, ids) -> str:
         """Ids -> text, up to the end token."""
-        from clip_jax.input.tokenizer import body_ids
 
         return self.sp.decode(body_ids(ids, self))
 

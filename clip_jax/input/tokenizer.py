@@ -13,6 +13,9 @@ import zlib
 
 import numpy as np
 
+from clip_jax.input.caption_ids import body_ids
+
+KINDS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece")  # tokenizer.kind: what make() builds
 PAD, BOS, EOS = 0, 1, 2
 _FIRST_WORD_ID = 3
 _WORD = re.compile(r"[a-z0-9]+")
@@ -52,19 +55,6 @@ class HashedWords:
         return " ".join(self.words.get(int(i), f"<{int(i)}>") for i in body_ids(ids, self))
 
 
-def body_ids(ids, tok, drop=None) -> list[int]:
-    """The caption's own ids: everything before the first end token, without the ids in `drop` (default: start
-    and pad; CLIP's BPE keeps its pad id 0, which is also "!")."""
-    drop = (tok.bos_id, tok.pad_id) if drop is None else drop
-    out = []
-    for i in np.asarray(ids).tolist():
-        if i == tok.eos_id:
-            break
-        if i not in drop:
-            out.append(i)
-    return out
-
-
 def make(cfg):
     """The tokenizer the config names, checked against the text tower's vocabulary and special ids."""
     kind, text = cfg.tokenizer.kind, cfg.model.text
@@ -80,25 +70,20 @@ def make(cfg):
         cls = sentencepiece_tok.SentencePiece if kind == "sentencepiece" else sentencepiece_tok.SiglipSentencePiece
         tok = cls(text.max_len, cfg.tokenizer.path)
     else:
-        raise ValueError(
-            f"unknown tokenizer.kind {kind!r}; choose 'hashed_words', 'clip_bpe', 'sentencepiece' or "
-            "'siglip_sentencepiece'"
-        )
+        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
     if cfg.model.family == "coca" and tok.bos_id < 0:
         raise ValueError(f"model.family='coca' decodes from a start token, and the {kind} tokenizer has none")
-    if text.vocab_size < tok.vocab_size:
-        raise ValueError(
-            f"model.text.vocab_size={text.vocab_size} is smaller than the {kind} tokenizer's {tok.vocab_size} ids; "
-            f"set --config.model.text.vocab_size={tok.vocab_size}"
-        )
-    if text.pool == "eos" and text.eos_id != tok.eos_id:
-        raise ValueError(
-            f"model.text.eos_id={text.eos_id} but the {kind} tokenizer ends captions with "
-            f"{tok.eos_id}; set --config.model.text.eos_id={tok.eos_id}"
-        )
+    # Every disagreement with the text tower at once, so a user switching tokenizers fixes them in one go.
+    fixes = []
+    if text.vocab_size < tok.vocab_size:  # a larger text vocabulary only has unused rows
+        fixes.append(f"model.text.vocab_size={tok.vocab_size} (is {text.vocab_size})")
+    if text.pool == "eos" and text.eos_id != tok.eos_id:  # eos_id matters only to the 'eos' pooling
+        fixes.append(f"model.text.eos_id={tok.eos_id} (is {text.eos_id})")
     if text.pad_id != tok.pad_id:
+        fixes.append(f"model.text.pad_id={tok.pad_id} (is {text.pad_id})")
+    if fixes:
         raise ValueError(
-            f"model.text.pad_id={text.pad_id} but the {kind} tokenizer pads with "
-            f"{tok.pad_id}; set --config.model.text.pad_id={tok.pad_id}"
+            f"the {kind} tokenizer ({tok.vocab_size} ids, end {tok.eos_id}, padding {tok.pad_id}) does not fit "
+            "the text tower; set " + ", ".join(f"--config.{fix}" for fix in fixes)
         )
     return tok

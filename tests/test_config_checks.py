@@ -1,0 +1,217 @@
+"""config_checks: every choice-valued key is validated against the vocabulary of the module that implements it
+(the same object, so a copy would fail here), every string key is accounted for, and values that used to fail
+only later (the tokenizer against the text tower, dataset keys, config file arguments) fail up front in one line.
+The list of bad values and their messages is tests/test_reliability.py's BROKEN."""
+
+import os
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from clip_jax import config as config_lib
+from clip_jax import config_checks, datasets, evaluate, losses, nan_policy, sharding, train
+from clip_jax.input import ops, pipeline, preflight, tokenizer
+from clip_jax.models import layers, text, vit
+from clip_jax.models.families import MODELS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import clip_b16  # noqa: E402
+import tiny_cpu  # noqa: E402
+
+# Where each choice-valued key's vocabulary must come from: the module whose code acts on the value.
+IMPLEMENTED_BY = {
+    "nan_policy": nan_policy.POLICIES,
+    "data.train_crop": ops.TRAIN_CROPS,
+    "data.eval_crop": ops.EVAL_CROPS,
+    "tokenizer.kind": tokenizer.KINDS,
+    "model.family": MODELS,
+    "model.dtype": layers.DTYPES,
+    "model.remat": layers.REMAT_POLICIES,
+    "model.image.pool": vit.POOLS,
+    "model.image.posemb": vit.POSEMBS,
+    "model.image.act": layers.ACTIVATIONS,
+    "model.text.pool": text.POOLS,
+    "model.text.act": layers.ACTIVATIONS,
+    "loss.kind": losses.KINDS,
+    "loss.impl": losses.IMPLS,
+}
+
+
+def _set(cfg, key, value):
+    node = cfg
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+    return cfg
+
+
+def test_each_vocabulary_is_the_implementing_modules_own_object():
+    assert set(config_checks.CHOICES) == set(IMPLEMENTED_BY)
+    for key, vocabulary in IMPLEMENTED_BY.items():
+        assert config_checks.CHOICES[key] is vocabulary, f"{key}: a copy, not the implementing module's vocabulary"
+    for key in ("model.image.remat", "model.text.remat"):
+        assert config_checks.CHOICES_OR_EMPTY[key] is layers.REMAT_POLICIES
+
+
+def test_each_crop_name_selects_its_own_geometry():
+    # A name the implementing code did not act on would fall through to the default and give the same pixels.
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)  # landscape: crops differ
+    views = [ops.eval_view(image, 16, crop) for crop in ops.EVAL_CROPS]
+    assert all(v.shape == (16, 16, 3) for v in views) and not np.allclose(views[0], views[1])
+    views = [ops.train_view(image, 16, np.random.default_rng(1), crop, 0.3, False) for crop in ops.TRAIN_CROPS]
+    assert all(v.shape == (16, 16, 3) for v in views) and not np.allclose(views[0], views[1])
+
+
+def test_train_applies_every_nan_policy():
+    class Averager:
+        def nonfinite_steps(self):
+            return [3]
+
+    class Checkpoints:
+        directory = "/ckpt"
+
+        def wait(self):
+            pass
+
+        def latest_step(self):
+            return 2
+
+    assert set(nan_policy.POLICIES) == {nan_policy.STOP, nan_policy.SKIP}
+    stop, skip = (ml_collections.ConfigDict({"nan_policy": p}) for p in (nan_policy.STOP, nan_policy.SKIP))
+    with pytest.raises(train.TrainingError, match="NaN/Inf at step 3 .*last good checkpoint is step 2"):
+        train._check_nonfinite(stop, Averager(), Checkpoints(), [])
+    skipped = []
+    train._check_nonfinite(skip, Averager(), Checkpoints(), skipped)
+    assert skipped == [3]
+
+
+def test_every_string_key_is_validated_or_accounted_for():
+    cfg = config_lib.base()
+    flat = config_lib._flatten(cfg)
+    covered = (
+        set(config_checks.CHOICES)
+        | set(config_checks.CHOICES_OR_EMPTY)
+        | set(config_checks.sharding_keys(cfg))
+        | set(config_checks.OTHER_STRINGS)
+    )
+    strings = {key for key, value in flat.items() if isinstance(value, str)}
+    assert strings - covered == set(), "string keys that nothing validates: add them to config_checks"
+    assert covered - strings == set(), "config_checks names keys that base() does not have"
+
+
+def test_the_hf_conversion_speaks_the_same_vocabularies():
+    from clip_jax.convert import hf, hf_config
+
+    assert set(hf_config.ACT_TO_HF) == set(layers.ACTIVATIONS)  # every activation exports
+    assert set(hf_config.ACT_FROM_HF.values()) <= set(layers.ACTIVATIONS)
+    assert {crop for _, _, crop in hf.PREPROCESS.values()} <= set(ops.EVAL_CROPS)
+
+
+def test_sharding_rules_name_every_logical_axis_the_models_use():
+    assert set(config_lib.base().sharding) == {name for name in layers.AXIS_NAMES if name}
+    assert sharding.MESH_AXES == ("data", "fsdp")
+
+
+@pytest.mark.parametrize("key", sorted(IMPLEMENTED_BY))
+def test_misspelt_choice_names_the_key_and_the_closest_value(key):
+    valid = tuple(IMPLEMENTED_BY[key])
+    typo = valid[-1] + "z"  # one letter more than the last valid value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_checks.validate(_set(tiny_cpu.get_config(), key, typo), 8)
+    message = str(e.value)
+    assert f"config key '{key}' is {typo!r}; choose one of " in message and "\n" not in message
+    assert all(repr(v) in message for v in valid)
+    assert f"did you mean {valid[-1]!r}?" in message
+
+
+@pytest.mark.parametrize("key", sorted(IMPLEMENTED_BY))
+def test_every_implemented_value_passes_its_choice_check(key):
+    for value in IMPLEMENTED_BY[key]:
+        try:
+            config_checks.validate(_set(tiny_cpu.get_config(), key, value), 8)
+        except config_lib.ConfigError as e:  # another key may have to change with it, never this one's check
+            assert f"config key '{key}' is" not in str(e), str(e)
+
+
+def test_switching_tokenizer_names_every_text_tower_key_to_change():
+    cfg = tiny_cpu.get_config()
+    cfg.tokenizer.kind = "clip_bpe"
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_checks.validate(cfg, 8)
+    fixes = "--config.model.text.vocab_size=49408 (is 4096), --config.model.text.eos_id=49407 (is 2)"
+    assert fixes in str(e.value)
+    config_checks.validate(cfg, 8, tokenizer=False)  # the HF import stores weights whatever the tokenizer
+    cfg.model.text.vocab_size, cfg.model.text.eos_id = 49408, 49407
+    config_checks.validate(cfg, 8)  # what the message asked for is enough
+
+
+def test_finite_numbers_and_the_temperature_cap_exception():
+    cfg = ml_collections.ConfigDict(tiny_cpu.get_config().to_dict())
+    cfg.optim.lr = float("inf")
+    with pytest.raises(config_lib.ConfigError, match="'optim.lr' is inf; use a finite number"):
+        config_checks.validate(cfg, 8)
+    assert "model.max_log_t" in config_checks._MAY_BE_INFINITE  # +inf disables the cap (issue 13 item 1)
+
+
+@pytest.mark.parametrize("arg", ["abc", "0", "-16", "1.5"])
+def test_config_file_integer_argument(arg):
+    with pytest.raises(config_lib.ConfigError, match=rf"config argument '{arg}' must be a positive integer"):
+        clip_b16.get_config(arg)
+    assert clip_b16.get_config("64").batch_size == 64
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    datasets.prepare("clip_shapes", path, "small")
+    datasets.prepare("clip_shapes_captions", path, "small")
+    return path
+
+
+def _data_cfg(data_dir, **overrides):
+    cfg = tiny_cpu.get_config()
+    base = {"data.data_dir": data_dir, "data.name": "clip_shapes/small", "eval.dataset": "clip_shapes/small"}
+    for key, value in {**base, **overrides}.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"data.text_key": "words"}, "clip_shapes/small has no feature data.text_key='words'"),
+        ({"eval.dataset": "no_such_set"}, "eval.dataset: cannot find tfds dataset 'no_such_set'"),
+        ({"eval.split": "dev"}, "eval.dataset: cannot read 'clip_shapes/small' split 'dev'"),
+        ({"eval.label_key": "class"}, "has no feature eval.label_key='class'"),
+        ({"eval.class_names": "cifar10"}, "class names 'cifar10' list 10 classes but clip_shapes/small has 40"),
+        ({"eval.templates": "clip_digits"}, "eval.templates='clip_digits' are that dataset's prompts"),
+        (
+            {"eval.retrieval_dataset": "clip_shapes_captions/small", "eval.retrieval_text_key": "caption"},
+            (
+                "eval.retrieval_dataset='clip_shapes_captions/small' (split 'test') has no feature "
+                "eval.retrieval_text_key='caption'"
+            ),
+        ),
+        (
+            {"eval.probe_dataset": "clip_shapes/small", "eval.probe_label_key": "y"},
+            "has no feature eval.probe_label_key='y'",
+        ),
+    ],
+)
+def test_dataset_keys_fail_before_the_run_starts(data_dir, overrides, message):
+    cfg = _data_cfg(data_dir, **overrides)
+    config_checks.validate(cfg, 8)  # names and keys of datasets need the data: checked when a run starts
+    with pytest.raises((pipeline.DataError, config_lib.ConfigError)) as e:
+        preflight.check_train_sources(cfg)
+        evaluate.check_sources(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_datasets_pass_the_source_checks(data_dir):
+    cfg = _data_cfg(data_dir, **{"eval.retrieval_dataset": "clip_shapes_captions/small"})
+    preflight.check_train_sources(cfg)
+    evaluate.check_sources(cfg)
