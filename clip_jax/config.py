@@ -63,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
     # imported OpenAI CLIPs need their own statistics (convert/hf.py records them).
     c.data.image_mean = (0.5, 0.5, 0.5)  # per-channel mean subtracted from pixels scaled to [0, 1]
     c.data.image_std = (0.5, 0.5, 0.5)  # per-channel std the centred pixels are divided by
+    c.data.resample = "bicubic"  # input/ops.py RESAMPLE: Pillow filter of every resize, train and eval
     c.data.mixture = ""  # train on several tfds sets: 'name:weight,name:weight' (overrides data.name; same keys)
 
     c.tokenizer = ml_collections.ConfigDict()

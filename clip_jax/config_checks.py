@@ -30,6 +30,7 @@ CHOICES = {
     "nan_policy": nan_policy.POLICIES,  # applied by train.py's loop
     "data.train_crop": ops.TRAIN_CROPS,
     "data.eval_crop": ops.EVAL_CROPS,
+    "data.resample": ops.RESAMPLE,
     "tokenizer.kind": tokenizer_lib.KINDS,
     "model.family": MODELS,
     "model.dtype": layers.DTYPES,

@@ -175,6 +175,8 @@ def convert():
             files.write_checkpoint(cfg, params, _WORKDIR.value)
             if cfg.tokenizer.kind == "hashed_words":  # base()'s default: the import found no tokenizer
                 print(files.NO_TOKENIZER.format(dir=_MODEL_DIR.value), flush=True)
+            for note in files.preprocess_notes(_MODEL_DIR.value, cfg.model.image.image_size):
+                print(note, flush=True)
             print(
                 f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
                 f"--config=configs/imported.py:{_WORKDIR.value})",

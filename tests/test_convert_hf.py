@@ -195,7 +195,7 @@ def test_preprocessing_matches_the_hf_image_processors():
         ("clip", transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)),
         ("siglip", transformers.SiglipImageProcessor(size={"height": 32, "width": 32})),
     ):
-        mean, std, crop = hf.PREPROCESS[family]
+        mean, std, crop, _ = hf.PREPROCESS[family]
         ref = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
         ours = ops.eval_view(image, 32, crop, mean, std)
         assert ours.shape == ref.shape
@@ -266,3 +266,28 @@ def test_new_model_options_are_validated():
     cfg.data.image_std = (0.5, 0.0, 0.5)
     with pytest.raises(config_lib.ConfigError, match="data.image_std"):
         config_checks.validate(cfg, 8)
+
+
+def _preprocessor_dir(tmp_path, **settings):
+    with open(tmp_path / "preprocessor_config.json", "w") as f:
+        json.dump({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, **settings}, f)
+    return str(tmp_path)
+
+
+def test_import_reads_the_processors_resample_filter(tmp_path):
+    """Pillow's filter numbers (transformers' `resample`) become data.resample; the family default is bicubic."""
+    expected = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+    for number, name in expected.items():
+        assert files.read_preprocess(_preprocessor_dir(tmp_path, resample=number))[3] == name
+    assert files.read_preprocess(_preprocessor_dir(tmp_path))[3] == "bicubic"
+    with pytest.raises(hf.ConversionError, match="resample=7"):
+        files.read_preprocess(_preprocessor_dir(tmp_path, resample=7))
+
+
+def test_import_notes_what_the_eval_view_does_not_reproduce(tmp_path):
+    clip_like = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True}
+    assert files.preprocess_notes(_preprocessor_dir(tmp_path, **clip_like), 224) == []
+    notes = files.preprocess_notes(_preprocessor_dir(tmp_path, **{**clip_like, "size": {"shortest_edge": 256}}), 224)
+    assert len(notes) == 1 and "shortest_edge" in notes[0] and notes[0].startswith("note: ")
+    odd = {"size": {"height": 224, "width": 224}, "rescale_factor": 1 / 127.5, "do_normalize": False}
+    assert len(files.preprocess_notes(_preprocessor_dir(tmp_path, **odd), 224)) == 2

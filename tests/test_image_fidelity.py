@@ -60,14 +60,14 @@ def _pillow_upright(data: bytes, draft=None) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
-def _hf_processor(family: str, size: int):
+def _hf_processor(family: str, size: int, resample: int = 3):
     if family == "clip":
         return transformers.CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=resample,
             image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
         )  # fmt: skip
     return transformers.SiglipImageProcessorPil(
-        size={"height": size, "width": size}, resample=3, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+        size={"height": size, "width": size}, resample=resample, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
     )
 
 
@@ -220,6 +220,19 @@ def test_eval_view_matches_the_hf_image_processors(family, crop, mean, std):
         worst = max(worst, float(np.abs(ours - ref).max()))
         assert worst <= 1e-6, (family, h, w, worst)
     print(family, f"max abs difference over {len(SIZES)} sizes: {worst:.2e}")
+
+
+@pytest.mark.parametrize("family,crop", [("clip", "centre"), ("siglip", "resize")])
+def test_eval_view_with_each_resample_filter(family, crop):
+    """data.resample: every Pillow filter an imported preprocessor_config.json can name (SigLIP 2's is bilinear)."""
+    rng = np.random.default_rng(1)
+    mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+    for name, number in ops.RESAMPLE.items():
+        processor = _hf_processor(family, 32, resample=int(number))
+        for h, w in ((48, 64), (61, 37), (20, 20)):
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            ours = ops.eval_view(image, 32, crop, mean, std, resample=name)
+            assert np.abs(ours - _hf_view(processor, image)).max() <= 1e-6, (family, name, h, w)
 
 
 def test_eval_view_names_an_unknown_crop():

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from clip_jax.convert import hf, hf_config
+from clip_jax.input import ops
 
 CONFIG_FILE = "config.json"  # the clip_jax config beside the checkpoint (configs/imported.py reads it)
 
@@ -42,15 +43,43 @@ def read_hf_config(model_dir):
 
 
 def read_preprocess(model_dir):
-    """(mean, std, eval crop) from preprocessor_config.json, or None when the directory has none."""
+    """(mean, std, eval crop, resample filter name) from preprocessor_config.json, or None when the directory has
+    none (or it names no mean/std). Raises ConversionError for a resample number Pillow does not define."""
+    p = _preprocessor_config(model_dir)
+    if p is None or "image_mean" not in p or "image_std" not in p:
+        return None
+    by_number = {int(v): name for name, v in ops.RESAMPLE.items()}
+    number = p.get("resample", int(ops.RESAMPLE["bicubic"]))
+    if number not in by_number:
+        raise hf.ConversionError(f"preprocessor_config.json: resample={number!r} is not a Pillow filter number")
+    crop = "centre" if p.get("do_center_crop") else "resize"
+    return tuple(p["image_mean"]), tuple(p["image_std"]), crop, by_number[number]
+
+
+def preprocess_notes(model_dir, image_size: int) -> list[str]:
+    """One line per preprocessor_config.json setting clip_jax's eval view does not reproduce (it resizes straight
+    to the model's image size, rescales by 1/255 and normalises): the imported model's weights are exact, but
+    evaluation pixels would differ from the HF image processor's."""
+    p = _preprocessor_config(model_dir) or {}
+    notes = []
+    size, crop = p.get("size"), p.get("crop_size") if p.get("do_center_crop") else None
+    for value in (v for v in (size, crop) if v is not None):
+        sides = set(value.values()) if isinstance(value, dict) else {value}
+        if not sides <= {image_size, None}:
+            notes.append(f"its processor resizes/crops to {value}, clip_jax to the model's image size {image_size}")
+    if p.get("do_rescale", True) and abs(p.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        notes.append(f"rescale_factor={p['rescale_factor']} (clip_jax divides by 255)")
+    if p.get("do_normalize", True) is False:
+        notes.append("do_normalize=false (clip_jax always normalises by data.image_mean/std)")
+    return [f"note: {model_dir}: preprocessor_config.json: {n}; zero-shot numbers may differ from HF's" for n in notes]
+
+
+def _preprocessor_config(model_dir):
     path = os.path.join(model_dir, "preprocessor_config.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        p = json.load(f)
-    if "image_mean" not in p or "image_std" not in p:
-        return None
-    return tuple(p["image_mean"]), tuple(p["image_std"]), "centre" if p.get("do_center_crop") else "resize"
+        return json.load(f)
 
 
 def find_spiece(model_dir):

@@ -24,8 +24,8 @@ FAMILIES = ("clip", "siglip")  # HF model_type values we convert
 # The preprocessing each family's released weights expect, when the model directory has no
 # preprocessor_config.json: (mean, std, eval crop).
 PREPROCESS = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "centre"),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize"),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "centre", "bicubic"),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize", "bicubic"),
 }
 
 

@@ -72,8 +72,9 @@ def config_from_hf(hf, preprocess=None, spiece=None):
         _clip_config(c, hf, txt)
     else:
         _siglip_config(c, hf, vis, txt, spiece)
-    mean, std, crop = preprocess or PREPROCESS[family]
+    mean, std, crop, resample = preprocess or PREPROCESS[family]
     c.data.image_mean, c.data.image_std, c.data.eval_crop = tuple(mean), tuple(std), crop
+    c.data.resample = resample
     return c
 
 

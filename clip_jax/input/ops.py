@@ -15,6 +15,16 @@ import numpy as np
 from PIL import Image
 
 TRAIN_CROPS = ("resize", "inception")
+# data.resample: Pillow's filter for every resize (training and evaluation). Bicubic is CLIP's and SigLIP's image
+# processors' default; an imported checkpoint takes its preprocessor_config.json's `resample` (Pillow's numbering).
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 EVAL_CROPS = ("resize", "centre")
 # By default images are scaled to [-1, 1]: the towers learn their own input statistics, and this is exact for
 # uint8. Imported models need the statistics they were trained with (e.g. OpenAI CLIP's).
@@ -30,19 +40,19 @@ def to_float(image: np.ndarray, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarra
     return image.astype(np.float32) * scale - offset
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(image: np.ndarray, width: int, height: int, resample: str = "bicubic") -> np.ndarray:
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((width, height), RESAMPLE[resample]))
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    return _resize(image, size, size)
+def resize(image: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
+    return _resize(image, size, size, resample)
 
 
-def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the shorter side resized to `size` (bicubic; smaller images are
-    upscaled), the longer to int(size * long / short), truncated, then the central square, its top-left corner at
+def centre_crop(image: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the shorter side resized to `size` (`resample`, a RESAMPLE name;
+    smaller images are upscaled), the longer to int(size * long / short), truncated, then the central square, its top-left corner at
     ((H' - size) // 2, (W' - size) // 2). This is transformers' CLIPImageProcessor (PIL backend: resize
     shortest_edge, center_crop) pixel for pixel; torchvision's Resize uses the same sizes, its CenterCrop rounds
     the offset (half to even: one pixel further when the margin is 3 mod 4)."""
@@ -51,7 +61,7 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
-    image = _resize(image, nw, nh)
+    image = _resize(image, nw, nh, resample)
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top : top + size, left : left + size]
 
@@ -76,9 +86,11 @@ def crop_box(h: int, w: int, rng: np.random.Generator, min_area: float) -> tuple
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def inception_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_area: float) -> np.ndarray:
+def inception_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, min_area: float, resample: str = "bicubic"
+) -> np.ndarray:
     top, left, ch, cw = crop_box(image.shape[0], image.shape[1], rng, min_area)
-    return resize(np.ascontiguousarray(image[top : top + ch, left : left + cw]), size)
+    return resize(np.ascontiguousarray(image[top : top + ch, left : left + cw]), size, resample)
 
 
 def train_view(
@@ -90,18 +102,28 @@ def train_view(
     flip: bool,
     mean=DEFAULT_MEAN,
     std=DEFAULT_STD,
+    resample: str = "bicubic",
 ):
     """One training view of a uint8 image, as normalised float32."""
-    out = inception_crop(image, size, rng, min_area) if crop == "inception" else resize(image, size)
+    if crop == "inception":
+        out = inception_crop(image, size, rng, min_area, resample)
+    else:
+        out = resize(image, size, resample)
     if flip and rng.random() < 0.5:
         out = out[:, ::-1]
     return to_float(out, mean, std)
 
 
-def eval_view(image: np.ndarray, size: int, crop: str, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
+def eval_view(
+    image: np.ndarray, size: int, crop: str, mean=DEFAULT_MEAN, std=DEFAULT_STD, resample: str = "bicubic"
+) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [size, size, 3]: `centre` (centre_crop: transformers' CLIPImageProcessor) or
-    `resize` (a bicubic squash to size x size: SiglipImageProcessor), then to_float. Matches those processors'
-    PIL backends to 1e-6 (tests/test_image_fidelity.py). Raises ValueError for another crop name."""
+    `resize` (a squash to size x size: SiglipImageProcessor), with the `resample` filter (a RESAMPLE name), then
+    to_float. Matches those processors' PIL backends to 1e-6 (tests/test_image_fidelity.py). Raises ValueError
+    for another crop or filter name."""
     if crop not in EVAL_CROPS:
         raise ValueError(f"eval crop {crop!r} is not one of {EVAL_CROPS} (set data.eval_crop)")
-    return to_float(centre_crop(image, size) if crop == "centre" else resize(image, size), mean, std)
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample filter {resample!r} is not one of {tuple(RESAMPLE)} (set data.resample)")
+    view = centre_crop(image, size, resample) if crop == "centre" else resize(image, size, resample)
+    return to_float(view, mean, std)

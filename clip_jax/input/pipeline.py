@@ -93,13 +93,13 @@ def load_image(image, size: int) -> np.ndarray:
 
 def eval_image(cfg, value) -> tuple[np.ndarray | None, int]:
     """What a model sees of a stored image at evaluation (every evaluator and the caption CLI use this one path):
-    decode.image, then ops.eval_view with data.eval_crop / image_mean / image_std. -> (float32 [S, S, 3], S =
-    model.image.image_size, or None for an unreadable image; decode's issue bits)."""
+    decode.image, then ops.eval_view with data.eval_crop / image_mean / image_std / resample. -> (float32
+    [S, S, 3], S = model.image.image_size, or None for an unreadable image; decode's issue bits)."""
     size, d = cfg.model.image.image_size, cfg.data
     rgb, bits = decode.image(value, size, 1)
     if rgb is None:
         return None, bits
-    return ops.eval_view(rgb, size, d.eval_crop, d.image_mean, d.image_std), bits
+    return ops.eval_view(rgb, size, d.eval_crop, d.image_mean, d.image_std, d.resample), bits
 
 
 def field(record, key: str):
@@ -127,7 +127,7 @@ class _Preprocess(grain.transforms.MapWithIndex):
         self.seed, self.size = cfg.seed, cfg.model.image.image_size
         self.host, self.hosts = jax.process_index(), jax.process_count()
         self.random_view = d.train_crop != "resize" or d.flip
-        self.mean, self.std = d.image_mean, d.image_std
+        self.mean, self.std, self.resample = d.image_mean, d.image_std, d.resample
         self.tok = tokenizer_lib.make(cfg)
 
     def map_with_index(self, index, record):
@@ -145,7 +145,9 @@ class _Preprocess(grain.transforms.MapWithIndex):
         rgb, more = decode.image(field(record, self.image_key), self.size, self.min_side)
         if rgb is None:
             return {"_issues": bits | more}
-        image = ops.train_view(rgb, self.size, rng, self.crop, self.min_area, self.flip, self.mean, self.std)
+        image = ops.train_view(
+            rgb, self.size, rng, self.crop, self.min_area, self.flip, self.mean, self.std, self.resample
+        )
         return {"image": image, "tokens": self.tok.encode(text), "_issues": bits | more}
 
 
