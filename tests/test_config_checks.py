@@ -26,6 +26,7 @@ IMPLEMENTED_BY = {
     "nan_policy": nan_policy.POLICIES,
     "data.train_crop": ops.TRAIN_CROPS,
     "data.eval_crop": ops.EVAL_CROPS,
+    "data.resample": ops.RESAMPLE,
     "tokenizer.kind": tokenizer.KINDS,
     "model.family": MODELS,
     "model.dtype": layers.DTYPES,
@@ -108,7 +109,8 @@ def test_the_hf_conversion_speaks_the_same_vocabularies():
 
     assert set(hf_config.ACT_TO_HF) == set(layers.ACTIVATIONS)  # every activation exports
     assert set(hf_config.ACT_FROM_HF.values()) <= set(layers.ACTIVATIONS)
-    assert {crop for _, _, crop in hf.PREPROCESS.values()} <= set(ops.EVAL_CROPS)
+    assert {crop for _, _, crop, _ in hf.PREPROCESS.values()} <= set(ops.EVAL_CROPS)
+    assert {resample for *_, resample in hf.PREPROCESS.values()} <= set(ops.RESAMPLE)
 
 
 def test_sharding_rules_name_every_logical_axis_the_models_use():
