@@ -28,3 +28,14 @@ def no_network():
     socket.socket.connect = refuse
     yield
     socket.socket.connect = original
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+    """A tfds data_dir with the small splits of clip_shapes and clip_shapes_captions, prepared once per session."""
+    from clip_jax import datasets
+
+    path = str(tmp_path_factory.mktemp("shapes_tfds"))
+    datasets.prepare("clip_shapes", path, "small")
+    datasets.prepare("clip_shapes_captions", path, "small")
+    return path

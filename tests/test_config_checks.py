@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import config_checks, datasets, evaluate, losses, nan_policy, sharding, train
+from clip_jax import config_checks, evaluate, losses, nan_policy, sharding, train
 from clip_jax.input import ops, pipeline, preflight, tokenizer
 from clip_jax.models import layers, text, vit
 from clip_jax.models.families import MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
-import clip_b16  # noqa: E402
-import tiny_cpu  # noqa: E402
+import clip_b16
+import tiny_cpu
 
 # Where each choice-valued key's vocabulary must come from: the module whose code acts on the value.
 IMPLEMENTED_BY = {
@@ -166,14 +166,6 @@ def test_config_file_integer_argument(arg):
     assert clip_b16.get_config("64").batch_size == 64
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    datasets.prepare("clip_shapes", path, "small")
-    datasets.prepare("clip_shapes_captions", path, "small")
-    return path
-
-
 def _data_cfg(data_dir, **overrides):
     cfg = tiny_cpu.get_config()
     base = {"data.data_dir": data_dir, "data.name": "clip_shapes/small", "eval.dataset": "clip_shapes/small"}
@@ -204,8 +196,8 @@ def _data_cfg(data_dir, **overrides):
         ),
     ],
 )
-def test_dataset_keys_fail_before_the_run_starts(data_dir, overrides, message):
-    cfg = _data_cfg(data_dir, **overrides)
+def test_dataset_keys_fail_before_the_run_starts(shapes_data_dir, overrides, message):
+    cfg = _data_cfg(shapes_data_dir, **overrides)
     config_checks.validate(cfg, 8)  # names and keys of datasets need the data: checked when a run starts
     with pytest.raises((pipeline.DataError, config_lib.ConfigError)) as e:
         preflight.check_train_sources(cfg)
@@ -213,7 +205,7 @@ def test_dataset_keys_fail_before_the_run_starts(data_dir, overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_good_datasets_pass_the_source_checks(data_dir):
-    cfg = _data_cfg(data_dir, **{"eval.retrieval_dataset": "clip_shapes_captions/small"})
+def test_good_datasets_pass_the_source_checks(shapes_data_dir):
+    cfg = _data_cfg(shapes_data_dir, **{"eval.retrieval_dataset": "clip_shapes_captions/small"})
     preflight.check_train_sources(cfg)
     evaluate.check_sources(cfg)

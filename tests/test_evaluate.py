@@ -56,14 +56,6 @@ def config(data_dir, **overrides):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    datasets.prepare("clip_shapes", path, "small")
-    datasets.prepare("clip_shapes_captions", path, "small")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------- zero-shot
 
 
@@ -120,10 +112,10 @@ def words_model(cfg, class_names):
     return encode_image, encode_text
 
 
-def test_zero_shot_of_a_hand_built_model_gives_the_known_answer(data_dir):
+def test_zero_shot_of_a_hand_built_model_gives_the_known_answer(shapes_data_dir):
     """Every image is classified as class 7 (top-5: 7, 27, 12, then the ties 0, 1 by index). The small test
     split has 10 images per class, so top-1 = 10/400, top-5 = 50/400 and mean per-class = 1/40."""
-    cfg = config(data_dir, **{"eval.retrieval_dataset": ""})
+    cfg = config(shapes_data_dir, **{"eval.retrieval_dataset": ""})
     mesh = sharding.make_mesh(cfg)
     metrics = evaluate.run(cfg, None, None, mesh, encoders=words_model(cfg, shapes.CLASS_NAMES))
     assert metrics["zeroshot/examples"] == 400
@@ -158,13 +150,13 @@ def integer_encoders(cfg, d=12):
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
-def test_retrieval_of_hand_built_encoders_matches_dense_numpy(data_dir, mesh_shape):
-    cfg = config(data_dir, **{"eval.dataset": "", "mesh.data": mesh_shape[0], "mesh.fsdp": mesh_shape[1]})
+def test_retrieval_of_hand_built_encoders_matches_dense_numpy(shapes_data_dir, mesh_shape):
+    cfg = config(shapes_data_dir, **{"eval.dataset": "", "mesh.data": mesh_shape[0], "mesh.fsdp": mesh_shape[1]})
     mesh = sharding.make_mesh(cfg)
     encoders, image_np, table = integer_encoders(cfg)
     got = evaluate.run(cfg, None, None, mesh, encoders=encoders)
     # Reference: read the split in numpy, score the full matrix densely.
-    source = pipeline.open_source("clip_shapes_captions/small", "test", data_dir)
+    source = pipeline.open_source("clip_shapes_captions/small", "test", shapes_data_dir)
     tok = tokenizer.make(cfg)
     img, txt, owner, txt_id = [], [], [], []
     for i in range(len(source)):
@@ -198,8 +190,8 @@ def test_captions_of_reads_one_or_several():
     assert retrieval.captions_of(["x"], 16) == ["x"]
 
 
-def test_missing_caption_key_is_one_line(data_dir):
-    cfg = config(data_dir, **{"eval.dataset": "", "eval.retrieval_text_key": "caption"})
+def test_missing_caption_key_is_one_line(shapes_data_dir):
+    cfg = config(shapes_data_dir, **{"eval.dataset": "", "eval.retrieval_text_key": "caption"})
     with pytest.raises(pipeline.DataError, match="no caption feature 'caption'.*set eval.retrieval_text_key"):
         evaluate.run(cfg, None, None, sharding.make_mesh(cfg), encoders=integer_encoders(cfg)[0])
 
@@ -237,9 +229,9 @@ def test_class_name_choice():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_train_then_cli_eval_writes_json_and_summaries(data_dir, tmp_path):
+def test_train_then_cli_eval_writes_json_and_summaries(shapes_data_dir, tmp_path):
     """The trainer runs both evaluators at the end; `main eval` on the checkpoint gives the same numbers."""
-    cfg = config(data_dir)
+    cfg = config(shapes_data_dir)
     workdir = str(tmp_path / "run")
     result = train.run(cfg, workdir)
     assert set(result["eval"]) >= {
@@ -249,7 +241,7 @@ def test_train_then_cli_eval_writes_json_and_summaries(data_dir, tmp_path):
         "retrieval/t2i_r10",
     }
     assert result["retrieval"]["texts"] == 1000 and result["zero_shot"]["examples"] == 400
-    overrides = [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": data_dir}.items()]
+    overrides = [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": shapes_data_dir}.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "clip_jax.main", "eval", f"--checkpoint={workdir}/checkpoints/6", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -269,13 +261,13 @@ def test_train_then_cli_eval_writes_json_and_summaries(data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------- linear probe
 
 
-def test_linear_probe_equals_scikit_learn_on_the_same_features(data_dir):
+def test_linear_probe_equals_scikit_learn_on_the_same_features(shapes_data_dir):
     """The probe's plumbing (both splits encoded over the devices, padding dropped, labels kept in order) gives
     exactly what scikit-learn gives on features computed here in numpy; colour pixels make it beat chance."""
     from sklearn.linear_model import LogisticRegression
 
     cfg = config(
-        data_dir,
+        shapes_data_dir,
         **{"eval.dataset": "", "eval.retrieval_dataset": "", "eval.probe_dataset": "clip_shapes/small",
            "eval.probe_max_examples": 300, "eval.probe_c": 0.5},
     )  # fmt: skip
@@ -283,7 +275,7 @@ def test_linear_probe_equals_scikit_learn_on_the_same_features(data_dir):
     got = evaluate.run(cfg, None, None, sharding.make_mesh(cfg), encoders=encoders)
     features = {}
     for split in ("train", "test"):
-        source = pipeline.open_source("clip_shapes/small", split, data_dir)
+        source = pipeline.open_source("clip_shapes/small", split, shapes_data_dir)
         records = [source[i] for i in range(300)]
         x = image_np(np.stack([pipeline.load_image(r["image"], 32) for r in records]))
         features[split] = (x, np.array([r["label"] for r in records]))
