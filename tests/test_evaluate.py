@@ -14,13 +14,13 @@ import pytest
 from clip_jax import datasets, evaluate, sharding, train
 from clip_jax.datasets import shapes, shapes_captions
 from clip_jax.evaluate import common, retrieval, templates, zero_shot
-from clip_jax.input import pipeline, tokenizer
+from clip_jax.input import eval_data, pipeline, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_cpu  # noqa: E402
-from test_retrieval import dense_ranks  # noqa: E402
+import tiny_cpu
+from test_retrieval import dense_ranks
 
 TINY = {  # the smallest model: the end-to-end test is mostly import and compile time
     "batch_size": 16,
@@ -161,7 +161,7 @@ def test_retrieval_of_hand_built_encoders_matches_dense_numpy(shapes_data_dir, m
     img, txt, owner, txt_id = [], [], [], []
     for i in range(len(source)):
         record = source[i]
-        img.append(image_np(pipeline.load_image(record["image"], 32)[None])[0])
+        img.append(image_np(eval_data.load_image(record["image"], 32)[None])[0])
         caps = [c.decode() for c in record["captions"]]
         txt += [table[tok.encode(c)].sum(axis=0) for c in caps]
         owner += [i] * len(caps)
@@ -277,7 +277,7 @@ def test_linear_probe_equals_scikit_learn_on_the_same_features(shapes_data_dir):
     for split in ("train", "test"):
         source = pipeline.open_source("clip_shapes/small", split, shapes_data_dir)
         records = [source[i] for i in range(300)]
-        x = image_np(np.stack([pipeline.load_image(r["image"], 32) for r in records]))
+        x = image_np(np.stack([eval_data.load_image(r["image"], 32) for r in records]))
         features[split] = (x, np.array([r["label"] for r in records]))
     pred = LogisticRegression(C=0.5, max_iter=1000).fit(*features["train"]).predict(features["test"][0])
     hit = pred == features["test"][1]

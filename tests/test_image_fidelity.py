@@ -16,7 +16,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from clip_jax import sharding
 from clip_jax.evaluate import captioning, retrieval
-from clip_jax.input import decode, ops, pipeline
+from clip_jax.input import decode, eval_data, ops, pipeline
 
 transformers = pytest.importorskip("transformers")
 from transformers.image_transforms import convert_to_rgb
@@ -299,7 +299,7 @@ def test_public_tfds_images_reach_decode_as_stored_files(public_set):
 
 def test_zero_shot_and_probe_batches(public_set):
     cfg, want = public_set
-    (batch,) = pipeline.eval_batches(cfg, batch_size=16, num_devices=8)
+    (batch,) = eval_data.eval_batches(cfg, batch_size=16, num_devices=8)
     _close(batch["image"][: len(want)], want)
 
 

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from clip_jax.input import pipeline, tokenizer
+from clip_jax.input import eval_data, pipeline, tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny_cpu  # noqa: E402
+import tiny_cpu
 
 
 def test_hashed_words_layout_and_truncation():
@@ -37,7 +37,7 @@ def test_tokenizer_must_agree_with_the_text_tower():
 @pytest.mark.parametrize("shape", [(20, 20), (20, 20, 1), (20, 20, 4), (32, 32, 3)])
 def test_load_image_converts_any_layout(shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    out = pipeline.load_image(img, 32)
+    out = eval_data.load_image(img, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     assert -1.0 <= out.min() and out.max() <= 1.0
     if shape == (32, 32, 3):
@@ -76,12 +76,12 @@ def test_order_depends_on_the_seed_and_epochs_reshuffle(cfg):
 
 
 def test_eval_batches_pad_and_mask(cfg):
-    batches = list(pipeline.eval_batches(cfg, batch_size=128, num_devices=8))
+    batches = list(eval_data.eval_batches(cfg, batch_size=128, num_devices=8))
     assert len(batches) == 4  # 400 test images in batches of 128
     assert sum(b["mask"].sum() for b in batches) == 400
     assert all(b["image"].shape == (128, 32, 32, 3) for b in batches)
     assert batches[-1]["mask"][16:].sum() == 0  # 400 - 3*128 = 16 real rows in the last batch
-    assert pipeline.class_names(cfg)[0] == "red circle"
+    assert eval_data.class_names(cfg)[0] == "red circle"
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):

@@ -44,13 +44,13 @@ def check_sources(cfg) -> None:
     prompts, so that a bad dataset name, split, feature key, class-name list or template set fails in one line
     before training starts, not at the first evaluation. Raises pipeline.DataError or config.ConfigError."""
     from clip_jax.evaluate import templates
-    from clip_jax.input import pipeline, preflight
+    from clip_jax.input import eval_data, pipeline, preflight
 
     e, data_dir = cfg.eval, cfg.data.data_dir
     names = enabled(cfg)
     if "zeroshot" in names:  # also checks that eval.label_key is a ClassLabel feature
         try:
-            label_names = pipeline.class_names(cfg)
+            label_names = eval_data.class_names(cfg)
         except pipeline.DataError as err:
             raise pipeline.DataError(f"eval.dataset: {err}") from None
         templates.class_prompts(e.templates, templates.class_names(e.class_names, e.dataset, label_names))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from clip_jax import sharding
-from clip_jax.input import decode, pipeline
+from clip_jax.input import decode, eval_data, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.models import generate
 
@@ -98,7 +98,7 @@ def load_examples(cfg, dataset: str, split: str, limit: int, *, with_images: boo
         if not texts:
             continue
         if with_images:
-            image, bits = pipeline.eval_image(cfg, pipeline.field(record, cfg.data.image_key))
+            image, bits = eval_data.eval_image(cfg, pipeline.field(record, cfg.data.image_key))
             if image is None:
                 log.warning("captioning eval: image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
                 continue
@@ -209,11 +209,11 @@ def restore_params(cfg, workdir: str):
 
 
 def read_images(cfg, paths: list[str]) -> list[np.ndarray]:
-    """The caption CLI's image files as the model sees them (pipeline.eval_image); DataError names a bad file."""
+    """The caption CLI's image files as the model sees them (eval_data.eval_image); DataError names a bad file."""
     images = []
     for path in paths:
         with open(path, "rb") as f:
-            image, bits = pipeline.eval_image(cfg, f.read())
+            image, bits = eval_data.eval_image(cfg, f.read())
         if image is None:
             raise pipeline.DataError(f"cannot read image {path}: {', '.join(decode.issue_names(bits))}")
         images.append(image)

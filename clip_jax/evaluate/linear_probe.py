@@ -10,7 +10,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import common
-from clip_jax.input import pipeline
+from clip_jax.input import eval_data
 
 
 def _split_cfg(cfg, split: str):
@@ -24,7 +24,7 @@ def _split_cfg(cfg, split: str):
 def embed_split(cfg, split: str, mesh, encode_image) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [N, d] float32, labels [N]) of one split, in split order, on every process."""
     embs, labels, masks = [], [], []
-    batches = pipeline.eval_batches(
+    batches = eval_data.eval_batches(
         _split_cfg(cfg, split), batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size
     )
     for batch in batches:

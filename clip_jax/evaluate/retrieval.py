@@ -18,7 +18,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import blockwise, common
-from clip_jax.input import decode, ops, pipeline
+from clip_jax.input import decode, eval_data, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ def encode_images(cfg, mesh, encode_image):
     source = pipeline.open_source(e.retrieval_dataset, e.retrieval_split, cfg.data.data_dir)
     total = len(source) if e.retrieval_max_examples < 0 else min(len(source), e.retrieval_max_examples)
     local, size, max_len = e.batch_size // pc, cfg.model.image.image_size, cfg.model.text.max_len
-    if cfg.data.eval_crop not in ops.EVAL_CROPS:
-        raise ValueError(f"data.eval_crop={cfg.data.eval_crop!r}; choose one of {ops.EVAL_CROPS}")
     embs, ids, oks, captions, owners = [], [], [], [], []
     for start in range(0, total, e.batch_size):
         idx = list(range(start + pi * local, min(start + (pi + 1) * local, total)))
@@ -66,7 +64,7 @@ def encode_images(cfg, mesh, encode_image):
                     f"{e.retrieval_dataset} has no caption feature '{e.retrieval_text_key}' (its features: "
                     f"{sorted(record)}); set eval.retrieval_text_key"
                 )
-            image, bits = pipeline.eval_image(cfg, pipeline.field(record, e.retrieval_image_key))
+            image, bits = eval_data.eval_image(cfg, pipeline.field(record, e.retrieval_image_key))
             if image is None:
                 log.warning("retrieval image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
                 continue

@@ -13,7 +13,7 @@ import numpy as np
 from clip_jax import sharding
 from clip_jax.evaluate import common
 from clip_jax.evaluate import templates as templates_lib
-from clip_jax.input import pipeline
+from clip_jax.input import eval_data
 from clip_jax.input import tokenizer as tokenizer_lib
 
 GROUPS = ("", "_seen", "_unseen")  # metric suffixes: all images; those of classes seen / unseen in training
@@ -81,7 +81,7 @@ def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
 
     encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
     """
-    label_names = pipeline.class_names(cfg)
+    label_names = eval_data.class_names(cfg)
     names = templates_lib.class_names(cfg.eval.class_names, cfg.eval.dataset, label_names)
     prompts = templates_lib.class_prompts(cfg.eval.templates, names)
     if len({len(p) for p in prompts}) != 1:
@@ -90,5 +90,5 @@ def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
     tok = tokenizer_lib.make(cfg)
     class_emb = class_embeddings(encode_text, np.stack([tok(p) for p in prompts]), mesh)
     k = min(5, len(names))
-    batches = pipeline.eval_batches(cfg, batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size)
+    batches = eval_data.eval_batches(cfg, batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size)
     return metrics(score(encode_image, class_emb, batches, mesh, k), k)
