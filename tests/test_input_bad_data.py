@@ -61,6 +61,7 @@ CORPUS = {
     "b6.jpg": (GOOD_JPEG, b"", ("empty_caption",)),
     "b7.jpg": (GOOD_JPEG, b" \t\n ", ("empty_caption",)),
     "b8.jpg": (None, b"bad missing file", ()),  # left out while preparing
+    "b9.jpg": (GOOD_JPEG, b"!!! ... ?", ("empty_caption",)),  # not blank, but hashed_words keeps no token of it
 }
 GOOD = sorted(k for k in CORPUS if k.startswith("g"))
 

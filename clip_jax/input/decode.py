@@ -22,7 +22,7 @@ SKIP_KINDS = (
     "oversized_image",  # more pixels than Pillow's decompression-bomb guard allows
     "tiny_image",  # a side shorter than data.min_image_size: nothing left to learn after upscaling
     "missing_caption",  # no caption value at all
-    "empty_caption",  # only whitespace: every such pair would share one text embedding
+    "empty_caption",  # only whitespace, or no token left after the tokenizer's cleaning: all would share one text
 )
 CONVERT_KINDS = (
     "grayscale_image",  # L / 1 / LA / one channel: repeated to three channels

@@ -16,6 +16,7 @@ import numpy as np
 
 from clip_jax.input import decode, ops
 from clip_jax.input import tokenizer as tokenizer_lib
+from clip_jax.input.caption_ids import body_ids
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,16 @@ class _Preprocess(grain.transforms.MapWithIndex):
         text, bits = decode.caption(value, self.tok.max_len, rng)
         if text is None:  # checked first: a caption costs microseconds, an image decode milliseconds
             return {"_issues": bits}
+        tokens = self.tok.encode(text)
+        if not body_ids(tokens, self.tok, drop=(self.tok.bos_id,)):  # blank once cleaned: "&nbsp;", "!!!" (hashed)
+            return {"_issues": bits | decode.BIT["empty_caption"]}
         rgb, more = decode.image(field(record, self.image_key), self.size, self.min_side)
         if rgb is None:
             return {"_issues": bits | more}
         image = ops.train_view(
             rgb, self.size, rng, self.crop, self.min_area, self.flip, self.mean, self.std, self.resample
         )
-        return {"image": image, "tokens": self.tok.encode(text), "_issues": bits | more}
+        return {"image": image, "tokens": tokens, "_issues": bits | more}
 
 
 class _SafeSource:
