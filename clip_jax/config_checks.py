@@ -213,6 +213,13 @@ def _check_model(cfg) -> None:
             f"{', '.join(layers.SIZES)}, e.g. '{close[0] if close else 'B'}/16'"
         )
     choice("model.text.variant", txt.variant, layers.SIZES)
+    cap = cfg.model.max_log_t
+    if 0 < cap < math.inf and cfg.model.log_t_init > cap:
+        raise ConfigError(
+            f"config key 'model.log_t_init' is {cfg.model.log_t_init} (t = {math.exp(cfg.model.log_t_init):.4g}), "
+            f"above model.max_log_t={cap:.4g} (t = {math.exp(cap):.4g}): the loss would use the cap from step 0; "
+            "lower log_t_init, or raise max_log_t (<= 0 or inf: no cap)"
+        )
     dims = {"image": _dims(cfg, "image"), "text": _dims(cfg, "text")}
     patch = dims["image"]["patch_size"]
     if image.image_size % patch:

@@ -60,6 +60,9 @@ def report(result: dict, cfg) -> str:
         lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
     if "loss" in result:
         lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
+    if result.get("data_issues"):
+        issues = ", ".join(f"{k} {n}" for k, n in result["data_issues"].items())
+        lines.append(f"  input records skipped or converted (this process, this run): {issues}")
     if "caption_loss" in result:
         lines.append(
             f"  contrastive loss {result['contrastive_loss']:.4f}, caption loss {result['caption_loss']:.4f} per token"
@@ -145,7 +148,6 @@ def main(argv):
         else:
             result = evaluate_checkpoint(cfg, _WORKDIR.value or "", checkpoint=_CHECKPOINT.value)
     except train.USER_ERRORS as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointWriteError):
             # A failed orbax save leaves non-daemon threads waiting (up to its 20-minute timeout) for a signal

@@ -331,7 +331,8 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
     mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
     # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.
-    data_it = pipeline.prefetch_to_device(pipeline.train_iterator(cfg), cfg.data.device_prefetch, mesh)
+    issues = pipeline.train_iterator(cfg)  # counts what it skipped and converted (pipeline.IssueCounter)
+    data_it = pipeline.prefetch_to_device(issues, cfg.data.device_prefetch, mesh)
     graphdef, shardings, state = _restore_or_init(cfg, mesh, opt, ckpt, data_it)
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["params"])
@@ -342,6 +343,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     with Preemption() as preemption:
         state, result = _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption)
         ckpt.wait()  # the last checkpoint is complete before we report (or exit on a preemption)
+    result["data_issues"] = issues.counts  # this process's records since it started (or resumed)
     if result.get("preempted"):
         result["message"] = (
             f"preempted ({preemption.received}) at step {result['step']}; checkpoint saved in {ckpt.directory}; "

@@ -75,6 +75,11 @@ def main():
     header = "| loss | implementation | " + " | ".join(f"{a}, t={t:g}" for a, _ in ALIGNMENTS for t in TEMPERATURES)
     lines = [header + " |", "|---|---|" + "---|" * (len(ALIGNMENTS) * len(TEMPERATURES))]
     for kind in ("softmax", "sigmoid"):
+        values = []
+        for _, noise in ALIGNMENTS:
+            x, y = embeddings(noise)
+            values += [f"{float64_reference(kind, x, y, t, bias_for(t))[0]:.2g}" for t in TEMPERATURES]
+        lines.append(f"| {kind} | (float64 loss value) | " + " | ".join(values) + " |")
         runs = {"clip_jax ring": ours(kind, "ring"), "clip_jax all-gather": ours(kind, "allgather")}
         runs["open_clip fp32"] = open_clip_fp32(kind)
         for name, run in runs.items():

@@ -240,3 +240,12 @@ def test_in_memory_source_keeps_odd_records_as_stored():
     assert pipeline.field(cache[0], "captions/text") == [b"a", b"b"] and "other" not in cache[0]
     same = pipeline.InMemorySource(records[:1] * 3, ("image",))
     assert isinstance(same.columns["image"], np.ndarray) and same.columns["image"].shape == (3, 4, 6, 3)
+
+
+def test_a_blank_caption_among_several_is_never_drawn():
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        assert decode.caption(["", "  ", "a dog"], 77, rng) == ("a dog", 0)
+    assert decode.caption(["", "a dog"], 77) == ("a dog", 0)  # without a generator: the first written one
+    assert decode.caption(["", b" \t"], 77) == (None, decode.BIT["empty_caption"])
+    assert decode.caption([None, None], 77) == (None, decode.BIT["missing_caption"])

@@ -82,8 +82,13 @@ def test_gradient_passes_at_the_cap():
     assert float(grad_at_cap) == 3.0 and float(grad_above) == 0.0
 
 
-def test_nan_cap_is_a_config_error():
+def test_nan_cap_and_an_init_above_the_cap_are_config_errors():
     cfg = config_lib.base()
     cfg.model.max_log_t = float("nan")
     with pytest.raises(config_lib.ConfigError, match="model.max_log_t"):
-        config_checks.validate(cfg, 8)
+        config_checks.validate(cfg, 8, tokenizer=False)
+    cfg.model.max_log_t, cfg.model.log_t_init = CAP, START
+    with pytest.raises(config_lib.ConfigError, match="'model.log_t_init' is .* above model.max_log_t"):
+        config_checks.validate(cfg, 8, tokenizer=False)
+    cfg.model.max_log_t = float("inf")  # no cap: any init
+    config_checks.validate(cfg, 8, tokenizer=False)

@@ -186,13 +186,18 @@ def _decode(data: bytes, size: int, min_side: int) -> tuple[np.ndarray | None, i
 
 
 def caption(value, max_tokens: int, rng: np.random.Generator | None = None) -> tuple[str | None, int]:
-    """Stored caption(s) -> (text or None, issue bits). Several captions (a list, as in COCO): one at random."""
+    """Stored caption(s) -> (text or None, issue bits). Several captions (a list, as in COCO): one at random among
+    the non-blank ones."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (list, tuple, np.ndarray)):
         choices = [v for v in value if v is not None]
         if not choices:
             return None, BIT["missing_caption"]
+        written = [v for v in choices if not isinstance(v, (str, bytes, bytearray)) or v.strip()]
+        if not written:
+            return None, BIT["empty_caption"]
+        choices = written  # a blank one among several is never the one drawn
         value = choices[int(rng.integers(len(choices))) if rng is not None and len(choices) > 1 else 0]
     if value is None:
         return None, BIT["missing_caption"]
