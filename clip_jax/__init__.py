@@ -11,7 +11,7 @@ _CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER_FLAG}".strip()
 
-import flax  # noqa: E402
+import flax
 
 # Parameters carry logical axis names; we place them ourselves (sharding.py) with jit out_shardings, so flax must
 # not try to shard each variable eagerly when a module is built.

@@ -50,7 +50,7 @@ def make(cfg) -> optax.GradientTransformation:
 
 def param_paths(tree) -> list[str]:
     """'image/encoder/...' for every leaf (dict keys; tuple indices and attribute names inside optimizer states)."""
-    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))  # noqa: E731
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
     return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 

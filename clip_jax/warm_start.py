@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import optim
+from clip_jax import state as run_state
 
 
 def _source_config(directory: str, step: int) -> ml_collections.ConfigDict:
@@ -34,8 +35,6 @@ def _source_config(directory: str, step: int) -> ml_collections.ConfigDict:
 
 def copy_params(cfg, params, shardings, mesh):
     """`params` with the leaves selected by cfg.init.params replaced by the source run's latest values."""
-    from clip_jax import train  # train imports this module
-
     src = cfg.init.workdir
     directory = (
         src if os.path.basename(os.path.normpath(src)) == "checkpoints" else os.path.join(src, "checkpoints")
@@ -46,7 +45,7 @@ def copy_params(cfg, params, shardings, mesh):
     src_cfg = _source_config(directory, steps[-1])
     src_cfg.mesh.data, src_cfg.mesh.fsdp = cfg.mesh.data, cfg.mesh.fsdp  # restore onto this run's devices
     opt = optim.make(src_cfg)
-    _, abstract, src_shardings = train.state_shardings(src_cfg, mesh, opt)
+    _, abstract, src_shardings = run_state.state_shardings(src_cfg, mesh, opt)
     restored = checkpoint_lib.Checkpointer(os.path.dirname(directory), src_cfg).restore(
         abstract, src_shardings, src_cfg, step=steps[-1]
     )

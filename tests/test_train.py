@@ -9,9 +9,10 @@ import pytest
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import optim, sharding, train
+from clip_jax import state as run_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny_cpu  # noqa: E402
+import tiny_cpu
 
 
 def small_config(data_dir, **overrides):
@@ -119,7 +120,7 @@ def test_weight_decay_reaches_matrices_only():
     cfg = small_config("unused", **{"optim.weight_decay": 0.5, "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
     opt = optim.make(cfg)
     params = jax.tree.map(
-        lambda x: x + 1.0, jax.device_get(train._init_fn(cfg, opt, jax.random.PRNGKey(0))["params"])
+        lambda x: x + 1.0, jax.device_get(run_state._init_fn(cfg, opt, jax.random.PRNGKey(0))["params"])
     )
     zeros = jax.tree.map(np.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)

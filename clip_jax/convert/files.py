@@ -149,11 +149,12 @@ def write_checkpoint(cfg, params, workdir):
     import jax
     import jax.numpy as jnp
 
-    from clip_jax import checkpoint, config_checks, optim, sharding, train
+    from clip_jax import checkpoint, config_checks, optim, sharding
+    from clip_jax import state as run_state
 
     config_checks.validate(cfg, jax.device_count(), tokenizer=False)  # see NO_TOKENIZER
     mesh, opt = sharding.make_mesh(cfg), optim.make(cfg)
-    _, abstract, shardings = train.state_shardings(cfg, mesh, opt)
+    _, abstract, shardings = run_state.state_shardings(cfg, mesh, opt)
     want = jax.tree.structure(abstract["params"])
     if jax.tree.structure(params) != want:
         raise hf.ConversionError("converted parameters do not match the model's parameter tree")
@@ -179,7 +180,8 @@ def read_checkpoint(workdir):
     import jax
     import orbax.checkpoint as ocp
 
-    from clip_jax import checkpoint, optim, sharding, train
+    from clip_jax import checkpoint, optim, sharding
+    from clip_jax import state as run_state
 
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
@@ -191,7 +193,7 @@ def read_checkpoint(workdir):
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     cfg = hf_config.from_dict(saved)
     mesh = sharding.make_mesh(cfg)
-    _, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
+    _, abstract, shardings = run_state.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint.Checkpointer(workdir, cfg)
     _, state, _ = ckpt.restore(abstract, shardings, cfg, step=step)
     ckpt.close()

@@ -106,7 +106,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
 _CHUNK = 500
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _axis(image_size: int) -> np.ndarray:
     """Sub-pixel sample coordinates along one axis, in [0, 1]."""
     n = image_size * _SUPERSAMPLE

@@ -102,27 +102,28 @@ def evaluate_checkpoint(cfg, workdir: str, *, checkpoint: str = "") -> dict:
     import jax
 
     from clip_jax import checkpoint as checkpoint_lib
-    from clip_jax import optim, sharding, train
+    from clip_jax import optim, sharding
+    from clip_jax import state as run_state
 
     source, step = resolve_checkpoint(checkpoint) if checkpoint else (workdir, None)
     workdir = workdir or source
     if not enabled(cfg):
-        raise train.TrainingError(
+        raise run_state.TrainingError(
             "no evaluator configured: set eval.dataset, eval.retrieval_dataset and/or eval.probe_dataset"
         )
     check_sources(cfg)
     mesh = sharding.make_mesh(cfg)
-    graphdef, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
+    graphdef, abstract, shardings = run_state.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(source, cfg)
     if step is not None and step not in ckpt.manager.all_steps():
         ckpt.close()
-        raise train.TrainingError(
+        raise run_state.TrainingError(
             f"no checkpoint at step {step} in {ckpt.directory}; it has {ckpt.manager.all_steps()}"
         )
     restored = ckpt.restore(abstract, shardings, cfg, step=step)
     ckpt.close()
     if restored is None:
-        raise train.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
+        raise run_state.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
     step, state, _ = restored
     metrics = run(cfg, state["params"], graphdef, mesh)
     out_dir = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "eval")

@@ -195,15 +195,16 @@ def evaluate(cfg, params, graphdef, mesh) -> dict:
 def restore_params(cfg, workdir: str):
     """(step, params, graphdef, mesh) of the latest checkpoint in workdir, sharded as in training."""
     from clip_jax import checkpoint as checkpoint_lib
-    from clip_jax import optim, train
+    from clip_jax import optim
+    from clip_jax import state as run_state
 
     mesh = sharding.make_mesh(cfg)
-    graphdef, abstract, shardings = train.state_shardings(cfg, mesh, optim.make(cfg))
+    graphdef, abstract, shardings = run_state.state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
     restored = ckpt.restore(abstract, shardings, cfg)
     ckpt.close()
     if restored is None:
-        raise train.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
+        raise run_state.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
     step, state, _ = restored
     return step, state["params"], graphdef, mesh
 

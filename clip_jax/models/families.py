@@ -1,5 +1,5 @@
 """Model families by config name (model.family): an explicit table, so adding a family is one line here plus its
-module. train.build_model builds from it; config_checks validates model.family against its keys."""
+module. state.build_model builds from it; config_checks validates model.family against its keys."""
 
 from clip_jax.models import coca, two_tower
 
