@@ -3,13 +3,14 @@
 
 import difflib
 
-from clip_jax.config import ConfigError, _flatten, base
+from clip_jax.config import ConfigError, _flatten, base, known_keys
 
 
-def check_override_keys(argv) -> None:
-    """Reject `--config.<key>=...` flags naming a key that base() lacks, a whole section, or a value absl cannot
-    parse, before absl/config_flags sees them (they would fail with a traceback or a usage dump)."""
-    known = _flatten(base())
+def check_override_keys(argv, cfg=None) -> None:
+    """Reject `--config.<key>=...` flags naming a key that the config (`cfg`, the loaded config file; base() when
+    None) lacks, a whole section, or a value absl cannot parse, before absl/config_flags sees them (they would fail
+    with a traceback or a usage dump). An evals.<name> section's keys are those of its evaluator type."""
+    known = _flatten(base()) if cfg is None else known_keys(cfg)
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
@@ -38,9 +39,9 @@ def _parses_as(text: str, ref) -> bool:
         return False
 
 
-def check_config_file(argv) -> None:
+def check_config_file(argv):
     """Load `--config=path[:arg]` once up front so a missing file or a bad variant argument is one line, not
-    config_flags' nested traceback."""
+    config_flags' nested traceback. Returns the config (None without a --config flag)."""
     import importlib.util
     import os
 
@@ -53,6 +54,6 @@ def check_config_file(argv) -> None:
                 spec = importlib.util.spec_from_file_location("_clip_jax_config_check", path)
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
-                module.get_config(*([variant] if variant else []))
+                return module.get_config(*([variant] if variant else []))
             except Exception as e:  # noqa: BLE001  (any failure of the config file, on one line)
                 raise ConfigError(f"config {arg[len('--config=') :]} failed: {type(e).__name__}: {e}") from None

@@ -71,7 +71,7 @@ def base() -> ml_collections.ConfigDict:
     c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored merges; (siglip_)sentencepiece: a .model
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "two_tower"  # models/families.py MODELS: two_tower (CLIP/SigLIP/LiT) | coca
+    c.model.family = "two_tower"  # models/families.py FAMILIES: two_tower (CLIP/SigLIP/LiT) | coca
     c.model.embed_dim = 512  # joint embedding dim
     c.model.dtype = "float32"  # compute dtype (params stay fp32; loss in fp32)
     c.model.log_t_init = math.log(1 / 0.07)  # CLIP init; SigLIP uses log(10)
@@ -148,43 +148,85 @@ def base() -> ml_collections.ConfigDict:
     c.init.workdir = ""  # workdir (or its checkpoints/ dir) to copy parameters from ('' = random init)
     c.init.params = ""  # regex over parameter paths to copy, e.g. '^image/' ('' = all of them)
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.dataset = "clip_shapes"  # tfds classification set for zero-shot ('' = none)
-    c.eval.split = "test"  # its split
-    c.eval.label_key = "label"  # its label feature (a ClassLabel: class names come from it)
-    c.eval.templates = "clip_shapes"  # prompts: a key of evaluate/data/templates.json or an embedded set
-    c.eval.class_names = ""  # '' = data/class_names.json entry if any, else ClassLabel; 'label'; or a key
-    c.eval.batch_size = 512  # images per eval step (padded to the device count)
-    c.eval.max_examples = -1  # cap on eval images (-1 = the whole split)
-    c.eval.retrieval_dataset = ""  # tfds set with captions for image<->text retrieval ('' = off)
-    c.eval.retrieval_split = "test"  # its split
-    c.eval.retrieval_image_key = "image"  # its image feature
-    c.eval.retrieval_text_key = "captions"  # caption(s) feature; 'a/b' nested (coco_captions: captions/text)
-    c.eval.retrieval_max_examples = -1  # cap on retrieval images (-1 = the whole split)
-    c.eval.retrieval_tile = 1024  # texts scored at once per device (live scores: images per device x tile, fp32)
-    c.eval.probe_dataset = ""  # tfds classification set for a linear probe on frozen image embeddings ('' = off)
-    c.eval.probe_train_split = "train"  # split the probe is fitted on
-    c.eval.probe_test_split = "test"  # split it is scored on
-    c.eval.probe_label_key = "label"  # label feature of the probe set
-    c.eval.probe_max_examples = 10_000  # cap on images per probe split (-1 = whole split)
-    c.eval.probe_c = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
+    # Evaluators, any number: evals.<name> = evaluator(type, key=value, ...) (evaluate/sections.py lists every
+    # type's keys and defaults). Each runs every `every` steps during training (-1: eval_every) and at the end.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.zeroshot = evaluator("zeroshot", dataset="clip_shapes")  # '' dataset = off
 
-    # Caption generation (the `caption` command and the captioning evaluator; families that caption: coca).
+    # Caption search (the `caption` command and the 'captioning' evaluator; families that caption: coca).
     c.caption = ml_collections.ConfigDict()
     c.caption.beam_size = 4  # beams of the caption search (1 = greedy decoding)
     c.caption.length_penalty = 0.6  # beams ranked by log-prob / length**length_penalty (0 = raw log-prob)
     c.caption.max_len = -1  # longest caption in tokens, start and end included (-1 = model.text.max_len)
-    c.caption.dataset = ""  # tfds set with captions for the captioning evaluator ('' = off), e.g. clip_shapes
-    c.caption.split = "test"  # its split
-    c.caption.max_examples = 512  # cap on images scored (-1 = the whole split)
-    c.caption.batch_size = 128  # images per generation step (a multiple of the device count)
 
     # Fault injection for the reliability tests; leave at the defaults in real runs.
     c.debug = ml_collections.ConfigDict()
     c.debug.poison_step = -1  # test only: this step's images become NaN, to exercise nan_policy (-1 = never)
 
     c.lock()
+    c.evals.unlock()  # config files add sections (evals.<name> = evaluator(...)); each section stays locked
+    for section in c.evals.values():
+        section.lock()
     return c
+
+
+# Keys that earlier versions saved with a checkpoint and that no longer exist (the eval.* / caption.dataset keys
+# became evals.<name> sections); from_dict skips them, so an old run's checkpoint still loads.
+RETIRED = ("eval.", "caption.dataset", "caption.split", "caption.max_examples", "caption.batch_size")
+
+
+def from_dict(saved: dict, *, strict: bool = True) -> ml_collections.ConfigDict:
+    """A config saved as JSON (a checkpoint's, an import's config.json) -> base() with its values; lists become
+    tuples and evals.<name> sections are rebuilt with evaluator(). A saved key that base() lacks raises ConfigError
+    when strict, and is skipped otherwise (a run saved by a newer version); RETIRED keys are always skipped."""
+    cfg = base()
+    known = _flatten(cfg)
+    for key, value in _flatten(ml_collections.ConfigDict(saved)).items():
+        if key.startswith(RETIRED) or key.startswith("evals."):
+            continue
+        if key not in known:
+            if strict:
+                raise ConfigError(f"the saved config has unknown key '{key}'{_closest(key, known)}")
+            continue
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = tuple(value) if isinstance(value, list) else value
+    sections = saved.get("evals", {})
+    for name in list(cfg.evals):
+        if name not in sections:
+            del cfg.evals[name]  # the saved run had no such section
+    for name, section in sections.items():
+        values = {k: v for k, v in section.items() if k != "type"}
+        cfg.evals[name] = evaluator(section.get("type", ""), **values)
+    return cfg
+
+
+def evaluator(kind: str, **values) -> ml_collections.ConfigDict:
+    """An `evals.<name>` section: evaluator type `kind` (a key of evaluate/sections.py TYPES) with its defaults
+    and `values` over them. Raises ConfigError naming an unknown type or key (and the closest valid one)."""
+    vocabulary = _section_vocabulary(kind, "evaluator()")
+    section = ml_collections.ConfigDict({**vocabulary, "type": kind})
+    for key, value in values.items():
+        if key not in vocabulary or key == "type":
+            raise ConfigError(f"evaluator type {kind!r} has no key {key!r}{_closest(key, vocabulary)}")
+        section[key] = value
+    section.lock()
+    return section
+
+
+def _section_vocabulary(kind: str, where: str) -> dict:
+    from clip_jax.evaluate import sections  # pure data, no imports: no cycle
+
+    if kind not in sections.TYPES:
+        raise ConfigError(f"{where}: unknown evaluator type {kind!r}; choose one of {', '.join(sections.TYPES)}")
+    return sections.TYPES[kind]
+
+
+def _closest(key, known) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _flatten(cfg, prefix=""):
@@ -197,14 +239,24 @@ def _flatten(cfg, prefix=""):
     return out
 
 
+def known_keys(cfg) -> dict:
+    """Flat key -> default of every key cfg may have: base()'s, with each of cfg's `evals.<name>` sections taking
+    the keys of its type (evaluate/sections.py). Raises ConfigError for a section without a known type."""
+    known = {k: v for k, v in _flatten(base()).items() if not k.startswith("evals.")}
+    for name, section in cfg.get("evals", {}).items():
+        if not isinstance(section, ml_collections.ConfigDict) or "type" not in section:
+            raise ConfigError(f"config key 'evals.{name}' must be a section made by config.evaluator(type, ...)")
+        vocabulary = _section_vocabulary(section.type, f"evals.{name}.type")
+        known.update({f"evals.{name}.{k}": v for k, v in vocabulary.items()})
+    return known
+
+
 def check_keys(cfg) -> None:
-    """Every key of cfg must exist in base() with a value of the same type."""
-    known = _flatten(base())
+    """Every key of cfg must exist in base() (or its evaluator type's vocabulary) with a value of the same type."""
+    known = known_keys(cfg)
     for key, value in _flatten(cfg).items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
+            raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
         ref = known[key]
         ok = isinstance(value, type(ref)) or (isinstance(ref, float) and isinstance(value, int))
         if not ok or (isinstance(ref, int) and isinstance(value, bool) != isinstance(ref, bool)):

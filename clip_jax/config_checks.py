@@ -23,7 +23,7 @@ from clip_jax.config import ConfigError
 from clip_jax.input import ops, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.models import layers, text, vit
-from clip_jax.models.families import MODELS
+from clip_jax.models.families import FAMILIES
 
 # Config key -> the vocabulary of the module that implements it (a tuple of names, or a dict keyed by them).
 CHOICES = {
@@ -32,7 +32,7 @@ CHOICES = {
     "data.eval_crop": ops.EVAL_CROPS,
     "data.resample": ops.RESAMPLE,
     "tokenizer.kind": tokenizer_lib.KINDS,
-    "model.family": MODELS,
+    "model.family": FAMILIES,
     "model.dtype": layers.DTYPES,
     "model.remat": layers.REMAT_POLICIES,
     "model.image.pool": vit.POOLS,
@@ -55,10 +55,12 @@ OTHER_STRINGS = (
     "model.image.variant", "model.text.variant",  # parsed here against layers.SIZES
     "optim.freeze", "init.params",  # compiled here as regexes
     "init.workdir",  # read when a new run starts (warm_start.py)
-    "eval.templates", "eval.class_names",  # checked here against evaluate/templates.py
-    "eval.dataset", "eval.split", "eval.label_key", "eval.retrieval_dataset", "eval.retrieval_split",
-    "eval.retrieval_image_key", "eval.retrieval_text_key", "eval.probe_dataset", "eval.probe_train_split",
-    "eval.probe_test_split", "eval.probe_label_key", "caption.dataset", "caption.split",
+)  # fmt: skip
+# The string keys of evals.<name> sections: type (checked by config.check_keys against evaluate/sections.py),
+# templates and class_names (checked here against evaluate/templates.py), datasets, splits and features (opened by
+# the evaluator when it is built, before training starts: a bad one is a one-line DataError).
+SECTION_STRINGS = (
+    "type", "templates", "class_names", "dataset", "split", "train_split", "image_key", "label_key", "text_key",
 )  # fmt: skip
 
 # Numbers that must be > 0, >= 0, or either positive or -1 (-1 = "the default": from the variant, the whole
@@ -67,7 +69,7 @@ _POSITIVE = (
     "batch_size", "total_steps", "accum_steps", "log_every", "keep_ckpts", "optim.lr", "optim.eps",
     "data.min_image_size", "model.embed_dim", "model.image.image_size", "model.image.ln_eps",
     "model.text.vocab_size", "model.text.max_len", "model.text.ln_eps",
-    "eval.batch_size", "eval.retrieval_tile", "eval.probe_c", "caption.beam_size", "caption.batch_size",
+    "caption.beam_size",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
@@ -79,7 +81,6 @@ _POSITIVE_OR_DEFAULT = (
     "model.image.width", "model.image.depth", "model.image.mlp_dim", "model.image.num_heads",
     "model.image.patch_size", "model.text.width", "model.text.depth", "model.text.mlp_dim", "model.text.num_heads",
     "model.coca.decoder_depth", "model.coca.pooler_heads", "loss.tile",
-    "eval.max_examples", "eval.retrieval_max_examples", "eval.probe_max_examples", "caption.max_examples",
 )  # fmt: skip
 
 
@@ -122,14 +123,9 @@ def validate(cfg, num_devices: int, *, tokenizer: bool = True) -> None:
     if tokenizer:
         _check_tokenizer(cfg)
     _check_optim(cfg)
-    _check_eval(cfg)
-    if cfg.model.family == "coca":
-        _check_coca(cfg, num_devices)
-    elif cfg.caption.dataset:
-        raise ConfigError(
-            f"config key 'caption.dataset' is {cfg.caption.dataset!r} but model.family={cfg.model.family!r} does "
-            "not caption; set --config.caption.dataset='' or train model.family='coca'"
-        )
+    _check_evals(cfg, num_devices)
+    if FAMILIES[cfg.model.family].captions:
+        _check_decoder(cfg)
 
 
 def _check_ranges(flat) -> None:
@@ -183,12 +179,6 @@ def _check_batches(cfg, num_devices: int) -> None:
             f"loss.tile={cfg.loss.tile} does not divide the per-device batch {n} "
             f"(batch_size {cfg.batch_size} over {num_devices} devices); pick a divisor of {n}, or -1"
         )
-    evaluators = cfg.eval.dataset or cfg.eval.retrieval_dataset or cfg.eval.probe_dataset
-    if evaluators and cfg.eval.batch_size % num_devices:
-        raise ConfigError(
-            f"eval.batch_size={cfg.eval.batch_size} does not divide over the {num_devices} devices; "
-            f"use a multiple of {num_devices}"
-        )
 
 
 def _check_data(cfg) -> None:
@@ -235,7 +225,8 @@ def _check_model(cfg) -> None:
         )
     for tower, sub in (("image", image), ("text", txt)):
         width = dims[tower]["width"]
-        uses_proj = tower == "text" or cfg.model.family != "coca"  # CoCa's image side projects from its pooler
+        # A family whose image embedding comes from an attentional pooler (CoCa) projects there, not with proj.
+        uses_proj = tower == "text" or not FAMILIES[cfg.model.family].image_proj_from_pooler
         if uses_proj and not sub.proj and width != cfg.model.embed_dim:
             raise ConfigError(
                 f"model.{tower}.proj=False needs model.{tower}.width == model.embed_dim, got {width} != "
@@ -276,7 +267,7 @@ def _check_tokenizer(cfg) -> None:
             + (" or set it to '' for the vendored merge list" if kind == "clip_bpe" else "")
         )
     try:
-        tokenizer_lib.make(cfg)
+        tok = tokenizer_lib.make(cfg)
     except ValueError as e:  # make()'s own checks name the key to change and the value to use
         raise ConfigError(" ".join(str(e).split())) from None
     except (OSError, RuntimeError) as e:  # a file that is missing or not a tokenizer of this kind
@@ -284,6 +275,11 @@ def _check_tokenizer(cfg) -> None:
             f"config key 'tokenizer.path' is {path!r}, which tokenizer.kind={kind!r} cannot read "
             f"({' '.join(str(e).split())}); point it at that tokenizer's file"
         ) from None
+    if FAMILIES[cfg.model.family].captions and tok.bos_id < 0:
+        raise ConfigError(
+            f"model.family={cfg.model.family!r} decodes from a start token, and the tokenizer.kind={kind!r} "
+            "tokenizer has none; choose one that has (hashed_words, clip_bpe, or a sentencepiece model with <s>)"
+        )
 
 
 def _check_optim(cfg) -> None:
@@ -299,19 +295,44 @@ def _check_optim(cfg) -> None:
         )
 
 
-def _check_eval(cfg) -> None:
-    """Zero-shot prompts: templates and class names from evaluate/templates.py's vocabulary."""
-    if not cfg.eval.dataset:
-        return
-    choice("eval.templates", cfg.eval.templates, templates.template_choices())
-    choice("eval.class_names", cfg.eval.class_names, templates.class_name_choices())
+def _check_evals(cfg, num_devices: int) -> None:
+    """Every evals.<name> section that is on (its keys and types were checked against its evaluator type by
+    config.check_keys): sizes, batches that divide over the devices, zero-shot prompts from evaluate/templates.py's
+    vocabulary, and captioning only for families that caption."""
+    for name, s in cfg.evals.items():
+        key = f"evals.{name}"
+        if not s.dataset:
+            continue
+        for k in ("batch_size", "tile", "c"):
+            if k in s and not s[k] > 0:
+                raise ConfigError(f"config key '{key}.{k}' must be positive, got {s[k]}")
+        for k in ("max_examples", "every"):
+            if s[k] < -1 or (k == "max_examples" and s[k] == 0):
+                raise ConfigError(f"config key '{key}.{k}' is {s[k]}; use a positive number or -1")
+        if s.batch_size % num_devices:
+            raise ConfigError(
+                f"{key}.batch_size={s.batch_size} does not divide over the {num_devices} devices; use a multiple "
+                f"of {num_devices}"
+            )
+        if s.type == "zeroshot":
+            choice(f"{key}.templates", s.templates, ("", *templates.template_choices()))
+            choice(f"{key}.class_names", s.class_names, templates.class_name_choices())
+        if s.type == "captioning" and not FAMILIES[cfg.model.family].captions:
+            able = [n for n, f in FAMILIES.items() if f.captions]
+            raise ConfigError(
+                f"{key} is a captioning evaluator but model.family={cfg.model.family!r} does not caption; set "
+                f"--config.{key}.dataset='' or train a family that captions ({', '.join(able)})"
+            )
 
 
-def _check_coca(cfg, num_devices: int) -> None:
-    """CoCa's text tower is a decoder: it must be causal (no look-ahead) and generation must fit its positions."""
+def _check_decoder(cfg) -> None:
+    """A captioning family's text tower is a decoder: it must be causal (no look-ahead) and generation must fit
+    its positions."""
     txt, coca, cap = cfg.model.text, cfg.model.coca, cfg.caption
     if not txt.causal:
-        raise ConfigError("model.family='coca' needs model.text.causal=True (the text tower is a decoder)")
+        raise ConfigError(
+            f"model.family={cfg.model.family!r} needs model.text.causal=True (the text tower is a decoder)"
+        )
     if txt.max_len < 2:
         raise ConfigError(f"model.text.max_len={txt.max_len}: a caption needs at least start and end tokens")
     for key in ("num_queries", "caption_chunk"):
@@ -328,9 +349,4 @@ def _check_coca(cfg, num_devices: int) -> None:
     if cap.max_len > txt.max_len or cap.max_len in (0, 1) or cap.max_len < -1:
         raise ConfigError(
             f"config key 'caption.max_len' is {cap.max_len}; use 2..model.text.max_len={txt.max_len}, or -1"
-        )
-    if cap.dataset and cap.batch_size % num_devices:
-        raise ConfigError(
-            f"caption.batch_size={cap.batch_size} does not divide over the {num_devices} devices; "
-            f"use a multiple of {num_devices}"
         )

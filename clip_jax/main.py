@@ -21,8 +21,7 @@ if __name__ == "__main__":
     # config_flags applies --config.* overrides while the flag is being defined and dies with a traceback on an
     # unknown key; check the keys first so the user gets one line naming the key and the closest valid one.
     try:
-        cli_checks.check_override_keys(sys.argv[1:])
-        cli_checks.check_config_file(sys.argv[1:])
+        cli_checks.check_override_keys(sys.argv[1:], cli_checks.check_config_file(sys.argv[1:]))
     except config_lib.ConfigError as _e:
         print(f"error: {_e}", file=sys.stderr)
         sys.exit(2)
@@ -67,48 +66,59 @@ def report(result: dict, cfg) -> str:
         lines.append(
             f"  contrastive loss {result['contrastive_loss']:.4f}, caption loss {result['caption_loss']:.4f} per token"
         )
-    zs = result.get("zero_shot")
-    if zs:
-        lines.append(
-            f"  zero-shot on {cfg.eval.dataset}/{cfg.eval.split} ({zs['examples']} images, "
-            f"{zs['num_classes']} classes):"
-        )
-        lines.append(f"    top-1 {zs['top1']:.1f}%  (chance {zs['chance_top1']:.1f}%)")
-        lines.append(f"    top-5 {zs['top5']:.1f}%  (chance {zs['chance_top5']:.1f}%)")
-        if "mean_per_class" in zs:
-            lines.append(f"    mean per-class top-1 {zs['mean_per_class']:.1f}%")
-        if "top1_unseen" in zs:
-            lines.append(
-                f"    top-1 on classes seen in training {zs['top1_seen']:.1f}% ({zs['examples_seen']} images), "
-                f"never seen {zs['top1_unseen']:.1f}% ({zs['examples_unseen']} images)"
-            )
-    rt = result.get("retrieval")
-    if rt:
-        lines.append(
-            f"  retrieval on {cfg.eval.retrieval_dataset}/{cfg.eval.retrieval_split} ({rt['images']} images, "
-            f"{rt['texts']} captions):"
-        )
-        for way, name in (("i2t", "image->text"), ("t2i", "text->image")):
-            lines.append(
-                f"    {name} R@1 {rt[way + '_r1']:.1f}%  R@5 {rt[way + '_r5']:.1f}%  R@10 {rt[way + '_r10']:.1f}%"
-            )
-    pr = result.get("probe")
-    if pr:
-        lines.append(
-            f"  linear probe on {cfg.eval.probe_dataset} ({pr['train_examples']} train / {pr['examples']} test "
-            f"images): top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
-        )
-    metrics = result.get("eval") or result.get("metrics") or {}  # after train / after eval
-    cap = {k[len("captioning/") :]: v for k, v in metrics.items() if k.startswith("captioning/")}
-    if cap:
-        lines.append(
-            f"  captioning on {cfg.caption.dataset}/{cfg.caption.split} ({cap['examples']} images): perplexity "
-            f"{cap['perplexity']:.2f}, CIDEr-D {cap['cider']:.3f}"
-        )
+    for name, metrics in result.get("sections", {}).items():
+        section = cfg.evals[name]
+        title = f"on {section.dataset}/{section.split}" + ("" if name == section.type else f" [evals.{name}]")
+        lines += _SECTION_LINES[section.type](title, section, metrics)
     if "json" in result:
         lines.append(f"  written to {result['json']}")
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+def _zero_shot_lines(title, section, zs) -> list[str]:
+    lines = [
+        f"  zero-shot {title} ({zs['examples']} images, {zs['num_classes']} classes):",
+        f"    top-1 {zs['top1']:.1f}%  (chance {zs['chance_top1']:.1f}%)",
+        f"    top-5 {zs['top5']:.1f}%  (chance {zs['chance_top5']:.1f}%)",
+        f"    mean per-class top-1 {zs['mean_per_class']:.1f}%",
+    ]
+    if "top1_unseen" in zs:
+        lines.append(
+            f"    top-1 on classes seen in training {zs['top1_seen']:.1f}% ({zs['examples_seen']} images), "
+            f"never seen {zs['top1_unseen']:.1f}% ({zs['examples_unseen']} images)"
+        )
+    return lines
+
+
+def _retrieval_lines(title, section, rt) -> list[str]:
+    lines = [f"  retrieval {title} ({rt['images']} images, {rt['texts']} captions):"]
+    for way, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        lines.append(f"    {name} R@1 {rt[way + '_r1']:.1f}%  R@5 {rt[way + '_r5']:.1f}%  R@10 {rt[way + '_r10']:.1f}%")
+    return lines
+
+
+def _probe_lines(title, section, pr) -> list[str]:
+    return [
+        f"  linear probe {title} ({pr['train_examples']} {section.train_split} / {pr['examples']} test images): "
+        f"top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
+    ]
+
+
+def _captioning_lines(title, section, cap) -> list[str]:
+    return [
+        f"  captioning {title} ({cap['examples']} images): perplexity {cap['perplexity']:.2f}, "
+        f"CIDEr-D {cap['cider']:.3f}"
+    ]
+
+
+# Evaluator type -> its lines of the report (every type of evaluate/suite.py TYPES has one).
+_SECTION_LINES = {
+    "zeroshot": _zero_shot_lines,
+    "retrieval": _retrieval_lines,
+    "probe": _probe_lines,
+    "captioning": _captioning_lines,
+}
 
 
 def main(argv):
@@ -130,7 +140,7 @@ def main(argv):
 
     from clip_jax import train
     from clip_jax.checkpoint import CheckpointWriteError
-    from clip_jax.evaluate import evaluate_checkpoint
+    from clip_jax.evaluate.suite import evaluate_checkpoint
 
     if argv[1] == "convert":
         return convert()

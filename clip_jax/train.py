@@ -16,8 +16,10 @@ import optax
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import config_checks, evaluate, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax import config_checks, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import pipeline, preflight
+from clip_jax.models.families import FAMILIES
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
 
 # Errors caused by the user's config, data or workdir: the CLI prints their one-line message, not a traceback.
@@ -70,7 +72,7 @@ def total_loss(out, cfg, mesh):
     )
     loss = cfg.loss.contrastive_weight * contrastive
     aux = {"temperature": jnp.exp(log_t), "bias": out["bias"], "contrastive_loss": contrastive}
-    if "caption_nll" in out:
+    if FAMILIES[cfg.model.family].captions:
         caption = out["caption_nll"] / jnp.maximum(out["caption_tokens"], 1)
         loss = loss + cfg.loss.caption_weight * caption
         aux["caption_loss"] = caption
@@ -267,8 +269,9 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report.
 
     stop_after: stop (with a checkpoint) after this many steps in this call, as a preemption would.
-    The report holds the final metrics, 'history' (every logged interval) and 'zero_shot'; after a SIGTERM or
-    SIGINT, 'preempted' (the step saved) and 'message'.
+    The report holds the final metrics, 'history' (every logged interval), 'eval' (every evaluator's metrics,
+    '<name>/<metric>') and 'sections' (name -> its metrics); after a SIGTERM or SIGINT, 'preempted' (the step saved)
+    and 'message'.
     """
     from clu import parameter_overview
 
@@ -276,9 +279,10 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     # Bad datasets, splits and feature keys fail now, before the workdir is touched (the evaluators' not after
     # hours of training).
     preflight.check_train_sources(cfg)
-    evaluate.check_sources(cfg)
-    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # first: an unusable workdir fails before any compiling
-    mesh, opt, writer = sharding.make_mesh(cfg), optim.make(cfg), _writer(workdir)
+    mesh = sharding.make_mesh(cfg)
+    evals = eval_suite.Suite(cfg, mesh)  # built once; its datasets, class names and prompts are checked now
+    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # an unusable workdir fails before any compiling
+    opt, writer = optim.make(cfg), _writer(workdir)
     # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.
     issues = pipeline.train_iterator(cfg)  # counts what it skipped and converted (pipeline.IssueCounter)
     data_it = pipeline.prefetch_to_device(issues, cfg.data.device_prefetch, mesh)
@@ -290,7 +294,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
     # Signals before this point find nothing new to save and act as usual; from here on they stop the run cleanly.
     with Preemption() as preemption:
-        state, result = _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption)
+        state, result = _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals)
         ckpt.wait()  # the last checkpoint is complete before we report (or exit on a preemption)
     result["data_issues"] = issues.counts  # this process's records since it started (or resumed)
     if result.get("preempted"):
@@ -299,18 +303,17 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
             "re-run the same command to resume"
         )
         logging.warning("%s", result["message"])
-    elif evaluate.enabled(cfg) and result["step"] == cfg.total_steps:
-        result["eval"] = evaluate.run(cfg, state["params"], graphdef, mesh)
-        result["zero_shot"] = evaluate.section(result["eval"], "zeroshot")
-        result["retrieval"] = evaluate.section(result["eval"], "retrieval")
+    elif evals and result["step"] == cfg.total_steps:
+        result["eval"] = evals.run(state["params"], graphdef)
+        result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
         writer.write_scalars(result["step"], result["eval"])
     writer.flush()
     ckpt.close()
     return result
 
 
-def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption):
-    """Steps start+1..end (or until a preemption), with logging, checkpoints and periodic zero-shot eval."""
+def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
+    """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
     from clu import periodic_actions
 
     progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
@@ -333,8 +336,9 @@ def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef
             _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
         if preempted:
             break
-        if evaluate.enabled(cfg) and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-            writer.write_scalars(step, evaluate.run(cfg, state["params"], graphdef, mesh))
+        due = evals.due(step)
+        if due:
+            writer.write_scalars(step, evals.run(state["params"], graphdef, due))
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)

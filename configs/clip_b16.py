@@ -1,6 +1,6 @@
 """CLIP ViT-B/16 (Radford et al. 2021): softmax loss, 32k batch, 224px, text tower width 512 x 12 layers.
 
-For pods: point data.name at a prepared image-text tfds dataset and eval.dataset at a classification set.
+For pods: point data.name at a prepared image-text tfds dataset and evals.zeroshot.dataset at a classification set.
 `configs/clip_b16.py:<batch>` sets the global batch (for batch-size sweeps).
 """
 
@@ -31,5 +31,7 @@ def get_config(arg: str = ""):
     c.data.train_crop, c.data.eval_crop = "inception", "centre"
     c.data.name = "coco_captions"  # any local tfds image-text set
     c.data.text_key = "captions/text"  # coco_captions holds several captions per image; one is drawn per visit
-    c.eval.dataset, c.eval.split, c.eval.templates = "imagenet2012", "validation", "imagenet_short"
+    c.evals.zeroshot = config.evaluator(
+        "zeroshot", dataset="imagenet2012", split="validation", templates="imagenet_short"
+    )
     return c

@@ -41,9 +41,12 @@ def get_config(arg: str = ""):
     c.data.train_crop, c.data.eval_crop = "inception", "centre"
     c.data.name = "coco_captions"  # any local tfds image-text set
     c.data.text_key = "captions/text"
-    c.eval.dataset, c.eval.split, c.eval.templates = "imagenet2012", "validation", "imagenet_short"
-    c.caption.dataset, c.caption.split = "coco_captions", "validation"
+    c.evals.zeroshot = config.evaluator(
+        "zeroshot", dataset="imagenet2012", split="validation", templates="imagenet_short"
+    )
+    c.evals.captioning = config.evaluator(
+        "captioning", dataset="coco_captions", split="validation", text_key="captions/text", max_examples=5000,
+        batch_size=256,
+    )  # fmt: skip
     c.caption.beam_size, c.caption.length_penalty = 4, 0.6
-    c.caption.max_examples = 5000
-    c.caption.batch_size = 256
     return c

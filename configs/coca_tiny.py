@@ -34,8 +34,8 @@ def get_config(arg: str = ""):
     c.model.coca.tie_embedding = True
     c.model.coca.caption_chunk = 8  # 15 caption positions: 2 chunks of [64, 8, 512] logits
     c.loss.contrastive_weight, c.loss.caption_weight = 1.0, 2.0
-    c.caption.dataset, c.caption.split = "clip_shapes", "test"
-    c.caption.max_examples = 256
+    c.evals.captioning = config.evaluator(
+        "captioning", dataset="clip_shapes", split="test", max_examples=256, batch_size=128
+    )
     c.caption.beam_size, c.caption.length_penalty = 3, 0.6
-    c.caption.batch_size = 128
     return c

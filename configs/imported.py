@@ -1,6 +1,6 @@
 """The config of a model imported with `python -m clip_jax.main convert --from hf --model-dir DIR --workdir OUT`:
 `--config=configs/imported.py:OUT` reads OUT/config.json (model shapes, tokenizer, preprocessing), so `eval`
-and `train` rebuild exactly the imported model. Override eval.* / data.* on the command line as usual.
+and `train` rebuild exactly the imported model. Override evals.* / data.* on the command line as usual.
 """
 
 import json
@@ -8,7 +8,7 @@ import os
 
 
 def get_config(arg: str = ""):
-    from clip_jax.convert import hf_config
+    from clip_jax import config
 
     if not arg:
         raise ValueError("use configs/imported.py:<workdir of the import>")
@@ -16,4 +16,4 @@ def get_config(arg: str = ""):
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; run `clip_jax.main convert --from hf` into {arg} first")
     with open(path) as f:
-        return hf_config.from_dict(json.load(f))
+        return config.from_dict(json.load(f))

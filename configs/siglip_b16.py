@@ -31,5 +31,7 @@ def get_config(arg: str = ""):
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-3, 5_000, 1e-4
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
     c.data.name = "coco_captions"
-    c.eval.dataset, c.eval.split, c.eval.templates = "imagenet2012", "validation", "imagenet_short"
+    c.evals.zeroshot = config.evaluator(
+        "zeroshot", dataset="imagenet2012", split="validation", templates="imagenet_short"
+    )
     return c

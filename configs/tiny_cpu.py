@@ -10,7 +10,7 @@ batch-size sweep's model).
 
 import math
 
-from clip_jax.config import base
+from clip_jax.config import base, evaluator
 
 
 def get_config(arg: str = ""):
@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.log_every = 100
     c.eval_every = 500
     c.ckpt_every = 500
-    c.eval.batch_size = 256
+    c.evals.zeroshot.batch_size = 256
     c.data.cache = True  # 150 MB decoded once: the 2 cores go to the train step, not to PNG decoding
 
     c.tokenizer.kind = "hashed_words"
@@ -55,12 +55,14 @@ def get_config(arg: str = ""):
         # 2.3x the examples/s of two layers on CPU (measured), so experiments/batch_size_sweep.py's 16 runs fit in
         # under an hour on 2 cores with enough examples that its largest batch still takes dozens of steps.
         c.model.image.depth = c.model.text.depth = 1
-        c.eval.retrieval_dataset = "clip_shapes_captions"  # R@1 beside zero-shot top-1 in the sweep's plot
+        c.evals.retrieval = evaluator(
+            "retrieval", dataset="clip_shapes_captions", batch_size=256
+        )  # R@1 in the plot
     if "digits" in opts:
-        c.data.name = c.eval.dataset = c.eval.templates = "clip_digits"
+        c.data.name = c.evals.zeroshot.dataset = "clip_digits"
     if "fashion" in opts:  # 28x28 images padded to 32x32; 60k train captions, 10k test images for zero-shot
-        c.data.name = c.eval.dataset = c.eval.templates = "clip_fashion_mnist"
+        c.data.name = c.evals.zeroshot.dataset = "clip_fashion_mnist"
     if "emoji" in opts:  # 64x64 renders, resized to 32x32 by the pipeline
-        c.data.name, c.eval.dataset = "clip_emoji", ""
-        c.eval.retrieval_dataset, c.eval.retrieval_text_key = "clip_emoji", "caption"  # image<->name retrieval
+        c.data.name, c.evals.zeroshot.dataset = "clip_emoji", ""
+        c.evals.retrieval = evaluator("retrieval", dataset="clip_emoji", text_key="caption", batch_size=256)
     return c

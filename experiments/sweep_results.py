@@ -13,7 +13,7 @@ def flat_metrics(report: dict, prefix: str = "") -> dict:
     The per-interval history and non-numbers (messages, lists) are left out."""
     out = {}
     for key, value in report.items():
-        if key == "history":
+        if key in ("history", "sections"):  # sections repeats the flat eval metrics per evaluator
             continue
         if isinstance(value, dict):
             out.update(flat_metrics(value, f"{prefix}{key}/"))

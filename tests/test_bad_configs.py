@@ -23,7 +23,10 @@ def _broken(path_value_pairs):
         *path, last = key.split(".")
         for part in path:
             node = node[part]
-        node[last] = value
+        if isinstance(value, tuple) and path == ["evals"]:  # a new section: (type, dataset)
+            node[last] = config_lib.evaluator(value[0], dataset=value[1])
+        else:
+            node[last] = value
     return cfg
 
 
@@ -97,7 +100,12 @@ BROKEN = [  # (overrides, what the one-line error must say)
     ([("init.params", "^image/")], r"'init.params' is '\^image/' but init.workdir is empty"),
     ([("optim.lr", float("nan"))], r"'optim.lr' is nan; use a finite number"),
     ([("model.log_t_init", float("inf"))], r"'model.log_t_init' is inf; use a finite number"),
-    ([("caption.dataset", "clip_shapes")], r"'caption.dataset' is 'clip_shapes' but model.family='two_tower'"),
+    ([("evals.cap", ("captioning", "clip_shapes"))], r"evals.cap is a captioning evaluator but model.family='two_tower'"),
+    ([("evals.zeroshot.batch_size", 12)], r"evals.zeroshot.batch_size=12 does not divide over the 8 devices"),
+    ([("evals.zeroshot.max_examples", 0)], r"'evals.zeroshot.max_examples' is 0; use a positive number or -1"),
+    ([("evals.zeroshot.templates", "clip_shape")], r"'evals.zeroshot.templates' is 'clip_shape'.*did you mean"),
+    ([("evals.zeroshot.type", "zero_shot")], r"evals.zeroshot.type: unknown evaluator type 'zero_shot'"),
+    ([("evals.zeroshot.datset", "x")], r"unknown config key 'evals.zeroshot.datset'; did you mean 'evals.zeroshot.dataset'"),
     ([("caption.length_penalty", -1.0)], r"'caption.length_penalty' must be >= 0"),
 ]
 
@@ -117,8 +125,12 @@ def test_broken_config_is_one_line(overrides, message):
         (["--config=configs/tiny_cpu.py:bogus"], "error: config configs/tiny_cpu.py:bogus failed: ValueError"),
         (["--config.data.name=no_such_set"], "error: cannot find tfds dataset 'no_such_set'"),
         (
-            ["--config.data.name=clip_shapes/small", "--config.eval.dataset=no_such_set"],
-            "error: eval.dataset: cannot find tfds dataset 'no_such_set'",
+            ["--config.data.name=clip_shapes/small", "--config.evals.zeroshot.dataset=no_such_set"],
+            "error: evals.zeroshot: cannot find tfds dataset 'no_such_set'",
+        ),
+        (
+            ["--config.evals.zeroshot.datset=x"],
+            "error: unknown config key 'evals.zeroshot.datset' in --config.evals.zeroshot.datset=x; did you mean",
         ),
     ],
 )

@@ -52,7 +52,7 @@ def test_coca_b16_compiles_its_train_step():
         ("model.coca.caption_chunk", 0, "caption_chunk"),
         ("caption.beam_size", 0, "beam_size"),
         ("caption.max_len", 40, "caption.max_len"),
-        ("caption.batch_size", 100, "caption.batch_size"),
+        ("evals.captioning.batch_size", 100, "evals.captioning.batch_size"),
     ],
 )
 def test_bad_coca_settings_are_config_errors(key, value, message):

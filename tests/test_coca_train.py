@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import train
+from clip_jax import state as run_state
 from clip_jax.evaluate import captioning
 from clip_jax.input import pipeline
 
@@ -19,14 +20,14 @@ import coca_tiny  # noqa: E402
 def small_config(data_dir, steps):
     cfg = coca_tiny.get_config(str(steps))
     cfg.data.data_dir = str(data_dir)
-    cfg.data.name = cfg.caption.dataset = "clip_shapes/small"
-    cfg.eval.dataset = ""  # zero-shot is tested elsewhere; the captioning evaluator runs below
+    cfg.data.name = cfg.evals.captioning.dataset = "clip_shapes/small"
+    cfg.evals.zeroshot.dataset = ""  # zero-shot is tested elsewhere; the captioning evaluator runs below
     cfg.batch_size = 64
     cfg.model.image.depth = cfg.model.text.depth = cfg.model.coca.decoder_depth = 1
     cfg.log_every, cfg.ckpt_every = 10, 0
     cfg.optim.warmup_steps = 10
     cfg.optim.lr = 2e-3
-    cfg.caption.max_examples, cfg.caption.batch_size, cfg.caption.beam_size = 16, 16, 2
+    cfg.evals.captioning.max_examples, cfg.evals.captioning.batch_size, cfg.caption.beam_size = 16, 16, 2
     return cfg
 
 
@@ -50,15 +51,16 @@ def test_short_run_lowers_both_losses(trained):
 
 def test_captioning_evaluator_and_caption_files(trained, tmp_path):
     cfg, workdir, _ = trained
-    step, params, graphdef, mesh = captioning.restore_params(cfg, workdir)
+    step, params, graphdef, mesh = run_state.restore_params(cfg, workdir)
     assert step == 60
-    metrics = captioning.evaluate(cfg, params, graphdef, mesh)
-    assert set(metrics) == {"caption_perplexity", "caption_nll", "caption_cider", "caption_examples"}
-    assert metrics["caption_examples"] == 16
+    evaluator = captioning.Captioning("captioning", cfg.evals.captioning, cfg, mesh)
+    metrics = evaluator.run(params, None, graphdef)
+    assert set(metrics) == {"perplexity", "nll", "cider", "examples"}
+    assert metrics["examples"] == 16
     # 60 steps learn the caption grammar: far below a uniform guess over the 512 ids.
-    assert 1.0 < metrics["caption_perplexity"] < 50.0, metrics
-    assert np.isfinite(metrics["caption_cider"]) and metrics["caption_cider"] >= 0.0
-    source = pipeline.open_source(cfg.caption.dataset, "test", cfg.data.data_dir)
+    assert 1.0 < metrics["perplexity"] < 50.0, metrics
+    assert np.isfinite(metrics["cider"]) and metrics["cider"] >= 0.0
+    source = pipeline.open_source(cfg.evals.captioning.dataset, "test", cfg.data.data_dir)
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"{i}.png"))

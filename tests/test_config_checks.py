@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import config_checks, evaluate, losses, nan_policy, sharding, train
+from clip_jax import config_checks, losses, nan_policy, sharding, train
+from clip_jax.evaluate import suite
 from clip_jax.input import ops, pipeline, preflight, tokenizer
 from clip_jax.models import layers, text, vit
-from clip_jax.models.families import MODELS
+from clip_jax.models.families import FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -28,7 +29,7 @@ IMPLEMENTED_BY = {
     "data.eval_crop": ops.EVAL_CROPS,
     "data.resample": ops.RESAMPLE,
     "tokenizer.kind": tokenizer.KINDS,
-    "model.family": MODELS,
+    "model.family": FAMILIES,
     "model.dtype": layers.DTYPES,
     "model.remat": layers.REMAT_POLICIES,
     "model.image.pool": vit.POOLS,
@@ -42,6 +43,10 @@ IMPLEMENTED_BY = {
 
 
 def _set(cfg, key, value):
+    if isinstance(value, dict):  # a new evals.<name> section: {'type': ..., key: value}
+        *_, name = key.split(".")
+        cfg.evals[name] = config_lib.evaluator(value.pop("type"), **value)
+        return cfg
     node = cfg
     *path, last = key.split(".")
     for part in path:
@@ -99,9 +104,13 @@ def test_every_string_key_is_validated_or_accounted_for():
         | set(config_checks.sharding_keys(cfg))
         | set(config_checks.OTHER_STRINGS)
     )
-    strings = {key for key, value in flat.items() if isinstance(value, str)}
+    strings = {key for key, value in flat.items() if isinstance(value, str) and not key.startswith("evals.")}
     assert strings - covered == set(), "string keys that nothing validates: add them to config_checks"
     assert covered - strings == set(), "config_checks names keys that base() does not have"
+    from clip_jax.evaluate import sections
+
+    section_strings = {k for keys in sections.TYPES.values() for k, v in keys.items() if isinstance(v, str)}
+    assert section_strings == set(config_checks.SECTION_STRINGS)
 
 
 def test_the_hf_conversion_speaks_the_same_vocabularies():
@@ -168,7 +177,7 @@ def test_config_file_integer_argument(arg):
 
 def _data_cfg(data_dir, **overrides):
     cfg = tiny_cpu.get_config()
-    base = {"data.data_dir": data_dir, "data.name": "clip_shapes/small", "eval.dataset": "clip_shapes/small"}
+    base = {"data.data_dir": data_dir, "data.name": "clip_shapes/small", "evals.zeroshot.dataset": "clip_shapes/small"}
     for key, value in {**base, **overrides}.items():
         _set(cfg, key, value)
     return cfg
@@ -178,21 +187,24 @@ def _data_cfg(data_dir, **overrides):
     "overrides,message",
     [
         ({"data.text_key": "words"}, "clip_shapes/small has no feature data.text_key='words'"),
-        ({"eval.dataset": "no_such_set"}, "eval.dataset: cannot find tfds dataset 'no_such_set'"),
-        ({"eval.split": "dev"}, "eval.dataset: cannot read 'clip_shapes/small' split 'dev'"),
-        ({"eval.label_key": "class"}, "has no feature eval.label_key='class'"),
-        ({"eval.class_names": "cifar10"}, "class names 'cifar10' list 10 classes but clip_shapes/small has 40"),
-        ({"eval.templates": "clip_digits"}, "eval.templates='clip_digits' are that dataset's prompts"),
+        ({"evals.zeroshot.dataset": "no_such_set"}, "evals.zeroshot: cannot find tfds dataset 'no_such_set'"),
+        ({"evals.zeroshot.split": "dev"}, "evals.zeroshot: cannot read 'clip_shapes/small' split 'dev'"),
+        ({"evals.zeroshot.label_key": "class"}, "evals.zeroshot.label_key='class': clip_shapes/small has no such"),
         (
-            {"eval.retrieval_dataset": "clip_shapes_captions/small", "eval.retrieval_text_key": "caption"},
+            {"evals.zeroshot.class_names": "cifar10"},
+            "evals.zeroshot.class_names: 'cifar10' lists 10 classes but clip_shapes/small has 40",
+        ),
+        ({"evals.zeroshot.templates": "clip_digits"}, "evals.zeroshot.templates='clip_digits' are that dataset's"),
+        (
+            {"evals.coco": {"type": "retrieval", "dataset": "clip_shapes_captions/small", "text_key": "caption"}},
             (
-                "eval.retrieval_dataset='clip_shapes_captions/small' (split 'test') has no feature "
-                "eval.retrieval_text_key='caption'"
+                "evals.coco (dataset 'clip_shapes_captions/small', split 'test') has no feature "
+                "evals.coco.text_key='caption'"
             ),
         ),
         (
-            {"eval.probe_dataset": "clip_shapes/small", "eval.probe_label_key": "y"},
-            "has no feature eval.probe_label_key='y'",
+            {"evals.probe": {"type": "probe", "dataset": "clip_shapes/small", "label_key": "y"}},
+            "has no feature evals.probe.label_key='y'",
         ),
     ],
 )
@@ -201,11 +213,21 @@ def test_dataset_keys_fail_before_the_run_starts(shapes_data_dir, overrides, mes
     config_checks.validate(cfg, 8)  # names and keys of datasets need the data: checked when a run starts
     with pytest.raises((pipeline.DataError, config_lib.ConfigError)) as e:
         preflight.check_train_sources(cfg)
-        evaluate.check_sources(cfg)
+        suite.Suite(cfg, sharding.make_mesh(cfg))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_good_datasets_pass_the_source_checks(shapes_data_dir):
-    cfg = _data_cfg(shapes_data_dir, **{"eval.retrieval_dataset": "clip_shapes_captions/small"})
+    more = {"type": "retrieval", "dataset": "clip_shapes_captions/small", "batch_size": 256}
+    cfg = _data_cfg(shapes_data_dir, **{"evals.retrieval": more})
     preflight.check_train_sources(cfg)
-    evaluate.check_sources(cfg)
+    evals = suite.Suite(cfg, sharding.make_mesh(cfg))
+    assert list(evals.evaluators) == ["retrieval", "zeroshot"]
+
+
+def test_every_evaluator_type_has_its_keys_and_its_class():
+    from clip_jax.evaluate import sections
+
+    assert set(suite.TYPES) == set(sections.TYPES)
+    for kind, keys in sections.TYPES.items():
+        assert set(sections.COMMON) <= set(keys), kind

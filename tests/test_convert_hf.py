@@ -208,7 +208,7 @@ def test_imported_checkpoint_evaluates_zero_shot(tmp_path):
     """configs/imported.py:<workdir> rebuilds the config, and the standard evaluator runs on the checkpoint."""
     import importlib.util
 
-    from clip_jax.evaluate import evaluate_checkpoint
+    from clip_jax.evaluate.suite import evaluate_checkpoint
 
     _clip(2).save_pretrained(tmp_path / "hf")
     cfg, params = files.import_model(str(tmp_path / "hf"))
@@ -219,14 +219,11 @@ def test_imported_checkpoint_evaluates_zero_shot(tmp_path):
     spec.loader.exec_module(module)
     cfg2 = module.get_config(work)
     assert cfg2.to_dict() == cfg.to_dict()
-    cfg2.data.data_dir, cfg2.eval.dataset, cfg2.eval.templates = (
-        str(tmp_path / "tfds"),
-        "clip_shapes/small",
-        "plain",
-    )
-    cfg2.eval.max_examples, cfg2.eval.batch_size = 64, 64
+    cfg2.data.data_dir, cfg2.evals.zeroshot.dataset = str(tmp_path / "tfds"), "clip_shapes/small"
+    cfg2.evals.zeroshot.templates = "plain"
+    cfg2.evals.zeroshot.max_examples, cfg2.evals.zeroshot.batch_size = 64, 64
     result = evaluate_checkpoint(cfg2, work)
-    assert result["step"] == 0 and result["zero_shot"]["examples"] == 64
+    assert result["step"] == 0 and result["sections"]["zeroshot"]["examples"] == 64
 
 
 @pytest.mark.slow
@@ -241,8 +238,8 @@ def test_cli_import_then_eval_and_export(tmp_path):
     r = run("convert", "--from=hf", f"--model-dir={tmp_path / 'hf'}", f"--workdir={work}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(os.path.join(work, "config.json")))["model"]["text"]["pool"] == "argmax"
-    data = ["--config.data.data_dir=" + str(tmp_path / "tfds"), "--config.eval.dataset=clip_shapes/small"]
-    data += ["--config.eval.max_examples=64", "--config.eval.batch_size=64", "--config.eval.templates=clip_shapes"]
+    data = ["--config.data.data_dir=" + str(tmp_path / "tfds"), "--config.evals.zeroshot.dataset=clip_shapes/small"]
+    data += ["--config.evals.zeroshot.max_examples=64", "--config.evals.zeroshot.batch_size=64"]
     r = run("eval", f"--config=configs/imported.py:{work}", f"--workdir={work}", *data)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checkpoint at step 0" in r.stdout and "top-1" in r.stdout, r.stdout

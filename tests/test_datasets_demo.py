@@ -279,8 +279,8 @@ def test_skimage_rgba_over_white():
 def test_tiny_cpu_demo_variants(arg, train, zero_shot, prompts):
     cfg = tiny_cpu.get_config(arg)
     config_checks.validate(cfg, 8)
-    assert (cfg.data.name, cfg.eval.dataset) == (train, zero_shot)
-    if prompts:
-        assert cfg.eval.templates == prompts and prompts in templates.template_sets()
+    assert (cfg.data.name, cfg.evals.zeroshot.dataset) == (train, zero_shot)
+    if prompts:  # chosen for the dataset by default
+        assert templates.default_templates(zero_shot) == prompts and prompts in templates.template_sets()
     with pytest.raises(ValueError, match="pick one"):
         tiny_cpu.get_config("fashion,digits")

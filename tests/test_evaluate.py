@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import datasets, evaluate, sharding, train
+from clip_jax import config as config_lib
+from clip_jax import datasets, sharding, train
 from clip_jax.datasets import shapes, shapes_captions
-from clip_jax.evaluate import common, retrieval, templates, zero_shot
+from clip_jax.evaluate import common, retrieval, suite, templates, zero_shot
 from clip_jax.input import eval_data, pipeline, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,11 +34,11 @@ TINY = {  # the smallest model: the end-to-end test is mostly import and compile
     "model.text.mlp_dim": 64,
     "data.name": "clip_shapes/small",
     "data.cache": False,
-    "eval.dataset": "clip_shapes/small",
-    "eval.batch_size": 64,
-    "eval.retrieval_dataset": "clip_shapes_captions/small",
-    "eval.retrieval_text_key": "captions",
-    "eval.retrieval_tile": 48,
+    "evals.zeroshot.dataset": "clip_shapes/small",
+    "evals.zeroshot.batch_size": 64,
+    "evals.retrieval.dataset": "clip_shapes_captions/small",  # tiny_cpu.py:sweep has a retrieval section
+    "evals.retrieval.batch_size": 64,
+    "evals.retrieval.tile": 48,
     "total_steps": 6,
     "ckpt_every": 3,
     "eval_every": 0,
@@ -46,7 +47,7 @@ TINY = {  # the smallest model: the end-to-end test is mostly import and compile
 
 
 def config(data_dir, **overrides):
-    cfg = tiny_cpu.get_config()
+    cfg = tiny_cpu.get_config("sweep")
     for key, value in {**TINY, "data.data_dir": str(data_dir), **overrides}.items():
         node = cfg
         *path, last = key.split(".")
@@ -54,6 +55,18 @@ def config(data_dir, **overrides):
             node = node[part]
         node[last] = value
     return cfg
+
+
+class HandBuilt:
+    """Hand-built encoders in the evaluators' interface: (params, device batch) -> embeddings."""
+
+    def __init__(self, encode_image, encode_text):
+        self.image = lambda params, x: encode_image(x)
+        self.text = lambda params, x: encode_text(x)
+
+
+def run_suite(cfg, encoders):
+    return suite.Suite(cfg, sharding.make_mesh(cfg), encoders=HandBuilt(*encoders)).run(None, None)
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot
@@ -115,9 +128,8 @@ def words_model(cfg, class_names):
 def test_zero_shot_of_a_hand_built_model_gives_the_known_answer(shapes_data_dir):
     """Every image is classified as class 7 (top-5: 7, 27, 12, then the ties 0, 1 by index). The small test
     split has 10 images per class, so top-1 = 10/400, top-5 = 50/400 and mean per-class = 1/40."""
-    cfg = config(shapes_data_dir, **{"eval.retrieval_dataset": ""})
-    mesh = sharding.make_mesh(cfg)
-    metrics = evaluate.run(cfg, None, None, mesh, encoders=words_model(cfg, shapes.CLASS_NAMES))
+    cfg = config(shapes_data_dir, **{"evals.retrieval.dataset": ""})
+    metrics = run_suite(cfg, words_model(cfg, shapes.CLASS_NAMES))
     assert metrics["zeroshot/examples"] == 400
     assert metrics["zeroshot/top1"] == pytest.approx(2.5)
     assert metrics["zeroshot/top5"] == pytest.approx(12.5)
@@ -151,10 +163,10 @@ def integer_encoders(cfg, d=12):
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
 def test_retrieval_of_hand_built_encoders_matches_dense_numpy(shapes_data_dir, mesh_shape):
-    cfg = config(shapes_data_dir, **{"eval.dataset": "", "mesh.data": mesh_shape[0], "mesh.fsdp": mesh_shape[1]})
-    mesh = sharding.make_mesh(cfg)
+    overrides = {"evals.zeroshot.dataset": "", "mesh.data": mesh_shape[0], "mesh.fsdp": mesh_shape[1]}
+    cfg = config(shapes_data_dir, **overrides)
     encoders, image_np, table = integer_encoders(cfg)
-    got = evaluate.run(cfg, None, None, mesh, encoders=encoders)
+    got = run_suite(cfg, encoders)
     # Reference: read the split in numpy, score the full matrix densely.
     source = pipeline.open_source("clip_shapes_captions/small", "test", shapes_data_dir)
     tok = tokenizer.make(cfg)
@@ -191,9 +203,9 @@ def test_captions_of_reads_one_or_several():
 
 
 def test_missing_caption_key_is_one_line(shapes_data_dir):
-    cfg = config(shapes_data_dir, **{"eval.dataset": "", "eval.retrieval_text_key": "caption"})
-    with pytest.raises(pipeline.DataError, match="no caption feature 'caption'.*set eval.retrieval_text_key"):
-        evaluate.run(cfg, None, None, sharding.make_mesh(cfg), encoders=integer_encoders(cfg)[0])
+    cfg = config(shapes_data_dir, **{"evals.zeroshot.dataset": "", "evals.retrieval.text_key": "caption"})
+    with pytest.raises(pipeline.DataError, match="has no feature evals.retrieval.text_key='caption'; its features"):
+        run_suite(cfg, integer_encoders(cfg)[0])
 
 
 # ----------------------------------------------------------------------------------------- names and prompts
@@ -218,9 +230,9 @@ def test_class_name_choice():
     assert templates.class_names("", "imagenet_v2/matched-frequency", label)[0] == "tench"
     assert templates.class_names("label", "imagenet2012", label) == label
     assert templates.class_names("", "some_dataset", ["a", "b"]) == ["a", "b"]  # no file: ClassLabel
-    with pytest.raises(ValueError, match="list 10 classes but cifar100 has 100.*eval.class_names='label'"):
+    with pytest.raises(ValueError, match="lists 10 classes but cifar100 has 100.*class_names='label'"):
         templates.class_names("cifar10", "cifar100", label[:100])
-    with pytest.raises(ValueError, match="eval.class_names='cifar1000' is not in"):
+    with pytest.raises(ValueError, match="class_names='cifar1000' is not in"):
         templates.class_names("cifar1000", "x", label[:10])
     prompts = templates.class_prompts("clip_cifar", ["cat", "dog"])
     assert len(prompts) == 2 and prompts[1][0] == "a photo of a dog."
@@ -240,10 +252,11 @@ def test_train_then_cli_eval_writes_json_and_summaries(shapes_data_dir, tmp_path
         "retrieval/i2t_r1",
         "retrieval/t2i_r10",
     }
-    assert result["retrieval"]["texts"] == 1000 and result["zero_shot"]["examples"] == 400
+    assert result["sections"]["retrieval"]["texts"] == 1000 and result["sections"]["zeroshot"]["examples"] == 400
     overrides = [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": shapes_data_dir}.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "clip_jax.main", "eval", f"--checkpoint={workdir}/checkpoints/6", *overrides]
+    cmd = [sys.executable, "-m", "clip_jax.main", "eval", "--config=configs/tiny_cpu.py:sweep"]
+    cmd += [f"--checkpoint={workdir}/checkpoints/6", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "retrieval on clip_shapes_captions/small" in proc.stdout and "mean per-class" in proc.stdout
@@ -254,8 +267,8 @@ def test_train_then_cli_eval_writes_json_and_summaries(shapes_data_dir, tmp_path
         assert record["metrics"][key] == pytest.approx(value, abs=1e-9), key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "eval")))
     # A step that does not exist is a one-line user error, naming the steps there are.
-    with pytest.raises(train.TrainingError, match=r"no checkpoint at step 5 .* it has \[3, 6\]"):
-        evaluate.evaluate_checkpoint(cfg, "", checkpoint=f"{workdir}/checkpoints/5")
+    with pytest.raises(train.TrainingError, match=r"no checkpoint at step 5 in .*; it has steps \[3, 6\]"):
+        suite.evaluate_checkpoint(cfg, "", checkpoint=f"{workdir}/checkpoints/5")
 
 
 # ----------------------------------------------------------------------------------------------- linear probe
@@ -266,13 +279,10 @@ def test_linear_probe_equals_scikit_learn_on_the_same_features(shapes_data_dir):
     exactly what scikit-learn gives on features computed here in numpy; colour pixels make it beat chance."""
     from sklearn.linear_model import LogisticRegression
 
-    cfg = config(
-        shapes_data_dir,
-        **{"eval.dataset": "", "eval.retrieval_dataset": "", "eval.probe_dataset": "clip_shapes/small",
-           "eval.probe_max_examples": 300, "eval.probe_c": 0.5},
-    )  # fmt: skip
+    cfg = config(shapes_data_dir, **{"evals.zeroshot.dataset": "", "evals.retrieval.dataset": ""})
+    cfg.evals.probe = config_lib.evaluator("probe", dataset="clip_shapes/small", max_examples=300, c=0.5, batch_size=64)
     encoders, image_np, _ = integer_encoders(cfg)
-    got = evaluate.run(cfg, None, None, sharding.make_mesh(cfg), encoders=encoders)
+    got = run_suite(cfg, encoders)
     features = {}
     for split in ("train", "test"):
         source = pipeline.open_source("clip_shapes/small", split, shapes_data_dir)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import ExifTags, Image, ImageOps
 
+from clip_jax import config as config_lib
 from clip_jax import sharding
 from clip_jax.evaluate import captioning, retrieval
 from clip_jax.input import decode, eval_data, ops, pipeline
@@ -276,11 +277,12 @@ def public_set(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     FidelityPhotos(data_dir=data_dir, file_format="array_record").download_and_prepare()
     cfg = tiny_cpu.get_config()  # 32x32 images
-    cfg.data.data_dir, cfg.data.eval_crop, cfg.eval.retrieval_text_key = data_dir, "centre", "caption"
+    cfg.data.data_dir, cfg.data.eval_crop = data_dir, "centre"
     cfg.data.image_mean, cfg.data.image_std = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
-    cfg.eval.dataset = cfg.eval.retrieval_dataset = "fidelity_photos"
-    cfg.eval.split = cfg.eval.retrieval_split = "test"
-    cfg.eval.batch_size = 16
+    photos = {"dataset": "fidelity_photos", "split": "test", "batch_size": 16}
+    cfg.evals.zeroshot = config_lib.evaluator("zeroshot", templates="plain", class_names="label", **photos)
+    cfg.evals.retrieval = config_lib.evaluator("retrieval", text_key="caption", **photos)
+    cfg.evals.probe = config_lib.evaluator("probe", train_split="test", **photos)
     processor = _hf_processor("clip", 32)
     want = [_hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(f)))) for f in STORED]
     return cfg, np.stack(want)
@@ -293,26 +295,27 @@ def _close(got, want):
 
 def test_public_tfds_images_reach_decode_as_stored_files(public_set):
     cfg, _ = public_set
-    record = pipeline.open_source(cfg.eval.dataset, cfg.eval.split, cfg.data.data_dir)[0]
+    record = pipeline.open_source("fidelity_photos", "test", cfg.data.data_dir)[0]
     assert record["image"] == STORED[0]  # not tfds' decoding, which ignores EXIF and tRNS
 
 
 def test_zero_shot_and_probe_batches(public_set):
     cfg, want = public_set
-    (batch,) = eval_data.eval_batches(cfg, batch_size=16, num_devices=8)
+    (batch,) = eval_data.eval_batches(cfg, cfg.evals.zeroshot, num_devices=8)
     _close(batch["image"][: len(want)], want)
 
 
 def test_retrieval_images(public_set):
     cfg, want = public_set
-    (embs, _, oks), captions, _ = retrieval.encode_images(cfg, sharding.make_mesh(cfg), lambda images: images)
+    mesh = sharding.make_mesh(cfg)
+    (embs, _, oks), captions, _ = retrieval.encode_images(cfg, cfg.evals.retrieval, mesh, lambda images: images)
     _close(jax.device_get(embs[0])[jax.device_get(oks[0])], want)  # the "encoder" returns the images it is given
     assert len(captions) == len(want)
 
 
 def test_captioning_eval_images(public_set):
     cfg, want = public_set
-    images, refs = captioning.load_examples(cfg, cfg.eval.dataset, cfg.eval.split, -1)
+    images, refs = captioning.load_examples(cfg, "fidelity_photos", "test", -1)
     _close(images, want)
     assert len(refs) == len(want)
 

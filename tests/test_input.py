@@ -48,7 +48,7 @@ def test_load_image_converts_any_layout(shape):
 def cfg(tmp_path_factory):
     c = tiny_cpu.get_config()
     c.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    c.data.name = c.eval.dataset = "clip_shapes/small"
+    c.data.name = c.evals.zeroshot.dataset = "clip_shapes/small"
     c.batch_size = 32
     return c
 
@@ -76,12 +76,13 @@ def test_order_depends_on_the_seed_and_epochs_reshuffle(cfg):
 
 
 def test_eval_batches_pad_and_mask(cfg):
-    batches = list(eval_data.eval_batches(cfg, batch_size=128, num_devices=8))
+    cfg.evals.zeroshot.batch_size = 128
+    batches = list(eval_data.eval_batches(cfg, cfg.evals.zeroshot, num_devices=8))
     assert len(batches) == 4  # 400 test images in batches of 128
     assert sum(b["mask"].sum() for b in batches) == 400
     assert all(b["image"].shape == (128, 32, 32, 3) for b in batches)
     assert batches[-1]["mask"][16:].sum() == 0  # 400 - 3*128 = 16 real rows in the last batch
-    assert eval_data.class_names(cfg)[0] == "red circle"
+    assert eval_data.class_names(cfg.evals.zeroshot, cfg.data.data_dir)[0] == "red circle"
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):

@@ -24,9 +24,9 @@ STEPS = 6
 def _overrides(cfg) -> list[str]:
     """The --config.* flags that turn configs/tiny_cpu.py into `cfg` (the keys small_config and this test set)."""
     keys = (
-        "data.data_dir", "data.name", "eval.dataset", "batch_size", "total_steps", "model.image.depth",
+        "data.data_dir", "data.name", "evals.zeroshot.dataset", "batch_size", "total_steps", "model.image.depth",
         "model.text.depth", "log_every", "ckpt_every", "eval_every", "optim.warmup_steps", "data.train_crop",
-        "data.flip", "eval.batch_size",
+        "data.flip", "evals.zeroshot.batch_size",
     )  # fmt: skip
     out = []
     for key in keys:
@@ -98,7 +98,8 @@ def test_two_processes_equal_one(runs):
     assert abs(loss_two - single["loss"]) < 1e-4, (loss_two, single["loss"])
     # The evaluators ran on both processes' devices and agree with the single-process run.
     top1_two = re.search(r"top-1 ([0-9.]+)%", outs[0]).group(1)
-    assert top1_two == f"{single['zero_shot']['top1']:.1f}", (top1_two, single["zero_shot"])
+    zs = single["sections"]["zeroshot"]
+    assert top1_two == f"{zs['top1']:.1f}", (top1_two, zs)
 
     step1, p1 = _params(cfg, one)
     step2, p2 = _params(cfg, two)

@@ -107,7 +107,8 @@ def test_flat_metrics_and_plot_columns(tmp_path):
         "skipped_steps": [],
         "preempted": None,
         "eval": {"zeroshot/top1": 40.0, "retrieval/i2t_r1": 12.5, "retrieval/t2i_r1": 11.0},
-        "zero_shot": {"top1": 40.0},
+        "sections": {"zeroshot": {"top1": 40.0}, "retrieval": {"i2t_r1": 12.5, "t2i_r1": 11.0}},
+        "zero_shot": {"top1": 40.0},  # the key older reports had
         "retrieval": {"i2t_r1": 12.5, "t2i_r1": 11.0, "t2i_r5": 30.0},
     }
     flat = sweep_results.flat_metrics(report)
@@ -136,8 +137,8 @@ def test_flat_metrics_and_plot_columns(tmp_path):
 def _micro_args(workdir, data_dir, examples=64):
     """Two points (batch 16 and 32, SigLIP's loss) of a 1-layer model on the small shapes set: 4 and 2 steps."""
     sets = [
-        "data.name=clip_shapes/small", "eval.dataset=clip_shapes/small", f"data.data_dir={data_dir}",
-        "model.image.depth=1", "model.text.depth=1", "eval.batch_size=64", "eval.max_examples=64",
+        "data.name=clip_shapes/small", "evals.zeroshot.dataset=clip_shapes/small", f"data.data_dir={data_dir}",
+        "model.image.depth=1", "model.text.depth=1", "evals.zeroshot.batch_size=64", "evals.zeroshot.max_examples=64",
     ]  # fmt: skip
     argv = ["--batch-sizes", "16,32", "--losses", "sigmoid", "--examples-seen", str(examples)]
     argv += ["--workdir", str(workdir), "--base-batch", "16", "--base-lr", "1e-4", "--lr-rule", "linear"]
@@ -179,11 +180,11 @@ def test_micro_sweep_is_resumable(tmp_path, monkeypatch, capsys):
     for r in rows:
         assert int(r["examples_seen"]) == 64 and r["lr_rule"] == "linear"
         assert float(r["lr"]) == pytest.approx(1e-4 * int(r["batch_size"]) / 16)
-        assert float(r["wall_s"]) > 0 and 0 <= float(r["zero_shot/top1"]) <= 100
+        assert float(r["wall_s"]) > 0 and 0 <= float(r["eval/zeroshot/top1"]) <= 100
         assert float(r["bias"]) == pytest.approx(-10, abs=0.1)  # SigLIP's init, barely moved by a tiny lr
         assert float(r["temperature"]) == pytest.approx(10, rel=0.05)
     assert (workdir / "sweep.png").stat().st_size > 0
-    assert "trend zero_shot/top1 sigmoid" in out
+    assert "trend eval/zeroshot/top1 sigmoid" in out
 
     # A third run finds both points finished and trains nothing.
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished point was trained again"))

@@ -19,8 +19,8 @@ def small_config(data_dir, **overrides):
     """tiny_cpu on the 4k-example 'small' shapes set, shrunk further so a test compiles and runs in seconds."""
     cfg = tiny_cpu.get_config()
     cfg.data.data_dir = str(data_dir)
-    cfg.data.name = cfg.eval.dataset = "clip_shapes/small"
-    cfg.batch_size, cfg.eval.batch_size = 64, 128
+    cfg.data.name = cfg.evals.zeroshot.dataset = "clip_shapes/small"
+    cfg.batch_size, cfg.evals.zeroshot.batch_size = 64, 128
     cfg.model.image.depth = cfg.model.text.depth = 1
     cfg.log_every, cfg.ckpt_every, cfg.eval_every = 10, 0, 0
     cfg.optim.warmup_steps = 10
@@ -50,7 +50,7 @@ def test_training_lowers_the_loss_and_beats_chance(trained):
     first, last = result["history"][0]["loss"], result["history"][-1]["loss"]
     assert first > 0.8 * np.log(cfg.batch_size)  # starts near log(B): embeddings carry no information yet
     assert last < 0.6 * first, [h["loss"] for h in result["history"]]
-    zs = result["zero_shot"]
+    zs = result["sections"]["zeroshot"]
     assert zs["examples"] == 400 and zs["num_classes"] == 40
     assert zs["top1"] > 3 * zs["chance_top1"], zs
     assert zs["top5"] > 2 * zs["chance_top5"], zs

@@ -178,26 +178,15 @@ def write_checkpoint(cfg, params, workdir):
 def read_checkpoint(workdir):
     """(config, params as nested dict of np arrays) from the latest checkpoint in workdir."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from clip_jax import checkpoint, optim, sharding
     from clip_jax import state as run_state
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise hf.ConversionError(f"no checkpoints in {workdir}")
-    with ocp.CheckpointManager(directory, item_names=("config",)) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise hf.ConversionError(f"no checkpoint in {directory}")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    cfg = hf_config.from_dict(saved)
-    mesh = sharding.make_mesh(cfg)
-    _, abstract, shardings = run_state.state_shardings(cfg, mesh, optim.make(cfg))
-    ckpt = checkpoint.Checkpointer(workdir, cfg)
-    _, state, _ = ckpt.restore(abstract, shardings, cfg, step=step)
-    ckpt.close()
-    return cfg, jax.tree.map(np.asarray, jax.device_get(state["params"]))
+    try:
+        cfg, step = run_state.load_config(workdir, strict=True)
+        _, params, _, _ = run_state.restore_params(cfg, os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))
+    except run_state.TrainingError as e:
+        raise hf.ConversionError(str(e)) from None
+    return cfg, jax.tree.map(np.asarray, jax.device_get(params))
 
 
 def export_model(cfg, params, model_dir):

@@ -5,8 +5,6 @@ The HF dicts are transformers' config classes' to_dict(), so every key has its v
 
 import math
 
-import ml_collections
-
 from clip_jax import config as config_lib
 from clip_jax.convert.hf import FAMILIES, PREPROCESS, ConversionError
 from clip_jax.input.clip_bpe import VOCAB_SIZE as CLIP_BPE_VOCAB  # a model with it uses tokenizer.kind='clip_bpe'
@@ -185,20 +183,3 @@ def config_to_hf(cfg):
             raise ConversionError(f"SigLIP's image embedding is its width {image['width']}, not {m.embed_dim}")
         hf = {}
     return family, hf | {"text_config": txt, "vision_config": vis}
-
-
-def from_dict(saved: dict) -> ml_collections.ConfigDict:
-    """A config saved as JSON (lists for tuples) -> base() with its values; unknown keys are an error."""
-    c = config_lib.base()
-
-    def fill(dst, src, prefix):
-        for k, v in src.items():
-            if k not in dst:
-                raise ConversionError(f"saved config has unknown key '{prefix}{k}'")
-            if isinstance(v, dict):
-                fill(dst[k], v, f"{prefix}{k}.")
-            else:
-                dst[k] = tuple(v) if isinstance(v, list) else v
-
-    fill(c, saved, "")
-    return c

@@ -9,8 +9,8 @@ Each image is padded with its own black background to 32x32 (the original pixels
 no resampling) and repeated over three channels. Train captions put the class name into one of several
 templates, chosen per image by the seed ("a photo of a sneaker", "the coat on a black background", ...);
 `label` is a ClassLabel over CLASS_NAMES, so zero-shot evaluation works on the test split (with the
-prompts in clip_jax/evaluate/templates.py, eval.templates='clip_fashion_mnist'). Splits: the official 60,000
-train and 10,000 test images.
+prompts in clip_jax/evaluate/templates.py: a zeroshot section's templates='clip_fashion_mnist', chosen by default).
+Splits: the official 60,000 train and 10,000 test images.
 """
 
 from __future__ import annotations

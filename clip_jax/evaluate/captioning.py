@@ -10,6 +10,7 @@
 """
 
 import collections
+import functools
 import logging
 import math
 import re
@@ -19,9 +20,14 @@ import numpy as np
 from flax import nnx
 
 from clip_jax import sharding
+from clip_jax import state as run_state
+from clip_jax.config import ConfigError
+from clip_jax.evaluate import common
 from clip_jax.input import decode, eval_data, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.models import generate
+from clip_jax.models.families import FAMILIES
+from clip_jax.models.families import captioning as captioning_families
 
 _WORD = re.compile(r"[a-z0-9]+")
 log = logging.getLogger(__name__)
@@ -86,19 +92,20 @@ def _texts(value) -> list[str]:
     return [t for t in out if t.strip()]
 
 
-def load_examples(cfg, dataset: str, split: str, limit: int, *, with_images: bool = True):
+def load_examples(cfg, dataset: str, split: str, limit: int, *, image_key="image", text_key="caption",
+                  with_images: bool = True):  # fmt: skip
     """(images [n,S,S,3] float32 or None, references: list of lists of str) of the first `limit` examples with a
-    readable image and at least one caption."""
+    readable image (eval_data.eval_image) and at least one caption."""
     source = pipeline.open_source(dataset, split, cfg.data.data_dir)
     total = len(source) if limit < 0 else min(len(source), limit)
     images, refs = [], []
     for i in range(total):
         record = source[i]
-        texts = _texts(pipeline.field(record, cfg.data.text_key))
+        texts = _texts(pipeline.field(record, text_key))
         if not texts:
             continue
         if with_images:
-            image, bits = eval_data.eval_image(cfg, pipeline.field(record, cfg.data.image_key))
+            image, bits = eval_data.eval_image(cfg, pipeline.field(record, image_key))
             if image is None:
                 log.warning("captioning eval: image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
                 continue
@@ -113,14 +120,26 @@ def decoder(cfg, texts=None):
     tok = tokenizer_lib.make(cfg)
     if hasattr(tok, "learn_words"):
         if texts is None:
-            _, refs = load_examples(cfg, cfg.data.name, cfg.data.train_split, 5000, with_images=False)
+            d = cfg.data
+            _, refs = load_examples(cfg, d.name, d.train_split, 5000, text_key=d.text_key, with_images=False)
             texts = [t for rs in refs for t in rs]
         tok.learn_words(texts)
     return tok
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(graphdef, search: tuple, params, images):
+    return generate.caption(nnx.merge(graphdef, params), images, **dict(search))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _caption_loss(graphdef, params, images, tokens):
+    return nnx.merge(graphdef, params).caption_loss(images, tokens)
+
+
 def caption_fn(cfg, graphdef, tok):
-    """jit(params, images [B,S,S,3]) -> (tokens [B, max_len], scores [B]) with the config's search settings."""
+    """(params, images [B,S,S,3]) -> (tokens [B, max_len], scores [B]) with the config's search settings (caption.*).
+    The jitted function is module-level (graphdef and settings static): built once per process and shape."""
     max_len = cfg.caption.max_len if cfg.caption.max_len > 0 else cfg.model.text.max_len
     search = dict(
         beam_size=cfg.caption.beam_size,
@@ -130,7 +149,7 @@ def caption_fn(cfg, graphdef, tok):
         pad=cfg.model.text.pad_id,
         length_penalty=cfg.caption.length_penalty,
     )
-    return jax.jit(lambda params, images: generate.caption(nnx.merge(graphdef, params), images, **search))
+    return functools.partial(_generate, graphdef, tuple(sorted(search.items())))
 
 
 def _gather(x) -> np.ndarray:
@@ -148,65 +167,63 @@ def _pad(x: np.ndarray, rows: int, value=0) -> np.ndarray:
     return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), value, x.dtype)])
 
 
-def evaluate(cfg, params, graphdef, mesh) -> dict:
-    """Perplexity of the references and CIDEr-D of generated captions on cfg.caption.dataset / split.
+class Captioning(common.Evaluator):
+    """Perplexity of the references and CIDEr-D of generated captions on one captioned set (an `evals.<name>`
+    section of type 'captioning'; families that caption). The references and the tokenizer (which learns its words
+    from them, see decoder) are read once, when the evaluator is built.
 
-    Flat metrics: caption_perplexity, caption_nll (per token), caption_cider, caption_examples. Every host runs
-    every batch (the arrays are global); the host-side n-gram scoring is cheap and identical on all.
+    Metrics: perplexity, nll (per token), cider, examples. Every host runs every batch (the arrays are global);
+    the host-side n-gram scoring is cheap and identical on all.
     """
-    name = cfg.caption.dataset or cfg.data.name
-    images, refs = load_examples(cfg, name, cfg.caption.split, cfg.caption.max_examples)
-    if images is None:
-        raise pipeline.DataError(f"no captioned images in {name}/{cfg.caption.split}")
-    tok = decoder(cfg, [t for rs in refs for t in rs])
-    bs = cfg.caption.batch_size
-    # The global batch is assembled from every host's identical copy: each host contributes its own rows.
-    pc, pi = jax.process_count(), jax.process_index()
-    local = bs // pc
-    run_caption = caption_fn(cfg, graphdef, tok)
-    score = jax.jit(lambda p, x, t: nnx.merge(graphdef, p).caption_loss(x, t))
-    generated, nll, count = [], 0.0, 0.0
-    mine = slice(pi * local, (pi + 1) * local)  # this host's rows of every global batch
-    for start in range(0, len(images), bs):
-        stop = min(start + bs, len(images))
-        dev_images = sharding.put_batch({"x": _pad(images[start:stop], bs)[mine]}, mesh)["x"]
-        tokens, _ = run_caption(params, dev_images)
-        generated.extend(tok.decode(row) for row in _gather(tokens)[: stop - start])
-        for r in range(max(len(rs) for rs in refs[start:stop])):
-            # Reference r of each image; images with fewer references get an all-padding row, which scores nothing.
-            texts = [rs[r] if r < len(rs) else None for rs in refs[start:stop]]
-            toks = np.stack(
-                [tok.encode(t) if t is not None else np.full(tok.max_len, tok.pad_id, np.int32) for t in texts]
+
+    def __init__(self, name, section, cfg, mesh):
+        super().__init__(name, section, cfg, mesh)
+        if not FAMILIES[cfg.model.family].captions:
+            raise ConfigError(
+                f"{self.key} is a captioning evaluator but model.family={cfg.model.family!r} does not caption; set "
+                f"--config.{self.key}.dataset='' or train a family that captions ({', '.join(captioning_families())})"
             )
-            dev_tokens = sharding.put_batch({"t": _pad(toks, bs, tok.pad_id)[mine]}, mesh)["t"]
-            s, c = score(params, dev_images, dev_tokens)
-            nll, count = nll + float(s), count + float(c)
-    cider, _ = cider_d(generated, refs)
-    for cand, rs in list(zip(generated, refs))[:5]:
-        log.info("caption: %r  (reference: %r)", cand, rs[0])
-    return {
-        "caption_perplexity": perplexity(nll, count),
-        "caption_nll": nll / max(count, 1.0),
-        "caption_cider": cider,
-        "caption_examples": len(images),
-    }
+        _, self.refs = load_examples(
+            cfg, section.dataset, section.split, section.max_examples, text_key=section.text_key, with_images=False
+        )
+        if not self.refs:
+            raise pipeline.DataError(f"{self.key}: no captioned examples in {section.dataset}/{section.split}")
+        self.tok = decoder(cfg, [t for rs in self.refs for t in rs])
 
-
-def restore_params(cfg, workdir: str):
-    """(step, params, graphdef, mesh) of the latest checkpoint in workdir, sharded as in training."""
-    from clip_jax import checkpoint as checkpoint_lib
-    from clip_jax import optim
-    from clip_jax import state as run_state
-
-    mesh = sharding.make_mesh(cfg)
-    graphdef, abstract, shardings = run_state.state_shardings(cfg, mesh, optim.make(cfg))
-    ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
-    restored = ckpt.restore(abstract, shardings, cfg)
-    ckpt.close()
-    if restored is None:
-        raise run_state.TrainingError(f"no checkpoint in {ckpt.directory}; train first or point --workdir at a run")
-    step, state, _ = restored
-    return step, state["params"], graphdef, mesh
+    def run(self, params, encoders, graphdef) -> dict:
+        cfg, section, mesh, tok = self.cfg, self.section, self.mesh, self.tok
+        images, refs = load_examples(
+            cfg, section.dataset, section.split, section.max_examples, image_key=section.image_key,
+            text_key=section.text_key,
+        )  # fmt: skip
+        if images is None:
+            raise pipeline.DataError(f"{self.key}: no captioned images in {section.dataset}/{section.split}")
+        bs = section.batch_size
+        # The global batch is assembled from every host's identical copy: each host contributes its own rows.
+        pc, pi = jax.process_count(), jax.process_index()
+        local = bs // pc
+        run_caption = caption_fn(cfg, graphdef, tok)
+        generated, nll, count = [], 0.0, 0.0
+        mine = slice(pi * local, (pi + 1) * local)  # this host's rows of every global batch
+        for start in range(0, len(images), bs):
+            stop = min(start + bs, len(images))
+            dev_images = sharding.put_batch({"x": _pad(images[start:stop], bs)[mine]}, mesh)["x"]
+            tokens, _ = run_caption(params, dev_images)
+            generated.extend(tok.decode(row) for row in _gather(tokens)[: stop - start])
+            for r in range(max(len(rs) for rs in refs[start:stop])):
+                # Reference r of each image; images with fewer references get an all-padding row (scores nothing).
+                texts = [rs[r] if r < len(rs) else None for rs in refs[start:stop]]
+                toks = np.stack(
+                    [tok.encode(t) if t is not None else np.full(tok.max_len, tok.pad_id, np.int32) for t in texts]
+                )
+                dev_tokens = sharding.put_batch({"t": _pad(toks, bs, tok.pad_id)[mine]}, mesh)["t"]
+                s, c = _caption_loss(graphdef, params, dev_images, dev_tokens)
+                nll, count = nll + float(s), count + float(c)
+        cider, _ = cider_d(generated, refs)
+        for cand, rs in list(zip(generated, refs))[:5]:
+            log.info("caption: %r  (reference: %r)", cand, rs[0])
+        return {"perplexity": perplexity(nll, count), "nll": nll / max(count, 1.0), "cider": cider,
+                "examples": len(images)}  # fmt: skip
 
 
 def read_images(cfg, paths: list[str]) -> list[np.ndarray]:
@@ -223,10 +240,13 @@ def read_images(cfg, paths: list[str]) -> list[np.ndarray]:
 
 def caption_files(cfg, workdir: str, paths: list[str]) -> dict:
     """Captions of image files by the latest checkpoint in workdir: {'step', 'captions': [(path, text, score)]}."""
-    if cfg.model.family != "coca":
-        raise pipeline.DataError(f"model.family={cfg.model.family!r} does not caption; train a 'coca' model")
+    if not FAMILIES[cfg.model.family].captions:
+        raise pipeline.DataError(
+            f"model.family={cfg.model.family!r} does not caption; train a family that captions "
+            f"({', '.join(captioning_families())})"
+        )
     images = read_images(cfg, paths)
-    step, params, graphdef, mesh = restore_params(cfg, workdir)
+    step, params, graphdef, mesh = run_state.restore_params(cfg, workdir)
     tok = decoder(cfg)
     rows = -(-len(images) // mesh.devices.size) * mesh.devices.size
     dev = sharding.put_batch({"x": _pad(np.stack(images), rows)}, mesh)["x"]

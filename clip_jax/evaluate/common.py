@@ -1,4 +1,7 @@
-"""Helpers shared by the evaluators: the model's encoders, host<->device transfers that work on several hosts."""
+"""What every evaluator shares: the base class, the model's encoders (jitted once per process), and host<->device
+transfers that work on several hosts."""
+
+import functools
 
 import jax
 import numpy as np
@@ -7,11 +10,54 @@ from flax import nnx
 from clip_jax import sharding
 
 
-def encoders(params, graphdef):
-    """(encode_image, encode_text): jitted functions of a device batch, each returning unit-norm [B, d] fp32."""
-    image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
-    text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_text(x))
-    return (lambda x: image(params, x)), (lambda x: text(params, x))
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(graphdef, params, images):
+    return nnx.merge(graphdef, params).encode_image(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef, params, tokens):
+    return nnx.merge(graphdef, params).encode_text(tokens)
+
+
+class ModelEncoders:
+    """The model's encoders as functions of (params, device batch) -> unit-norm [B, d] float32 embeddings.
+
+    The jitted functions are module-level with the graphdef as a static argument, so every evaluator, every
+    evaluation and every Suite of a process share one compilation per (model, batch shape): a periodic evaluation
+    compiles nothing after the first. Parameters are arguments, never closed over.
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def image(self, params, images):
+        """images: [B, S, S, 3] float32, normalised as eval_data.eval_image does."""
+        return _encode_image(self.graphdef, params, images)
+
+    def text(self, params, tokens):
+        """tokens: [B, L] int32, as the config's tokenizer makes them."""
+        return _encode_text(self.graphdef, params, tokens)
+
+
+class Evaluator:
+    """One `evals.<name>` config section (evaluate/sections.py), built once per run.
+
+    The constructor reads what does not depend on the model (class names, prompts, the split's size) and so checks
+    the section's dataset, split and features up front (pipeline.DataError / config.ConfigError, one line naming
+    the key); run(params, encoders, graphdef) -> {metric: value} evaluates one set of parameters.
+    """
+
+    def __init__(self, name: str, section, cfg, mesh):
+        self.name, self.section, self.cfg, self.mesh = name, section, cfg, mesh
+
+    @property
+    def key(self) -> str:
+        """The config key of this evaluator's section, for messages: 'evals.<name>'."""
+        return f"evals.{self.name}"
+
+    def run(self, params, encoders, graphdef) -> dict:
+        raise NotImplementedError
 
 
 def to_host(x) -> np.ndarray:

@@ -5,29 +5,18 @@ to any score matrix) are gathered to every process, which fits the same determin
 the same numbers. Reported: top-1 and mean per-class accuracy (%) on the test split.
 """
 
-import ml_collections
 import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import common
-from clip_jax.input import eval_data
+from clip_jax.input import eval_data, pipeline, preflight
 
 
-def _split_cfg(cfg, split: str):
-    """A copy of cfg whose eval.* keys point eval_batches at one split of the probe set."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    c.eval.dataset, c.eval.split = cfg.eval.probe_dataset, split
-    c.eval.label_key, c.eval.max_examples = cfg.eval.probe_label_key, cfg.eval.probe_max_examples
-    return c
-
-
-def embed_split(cfg, split: str, mesh, encode_image) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings [N, d] float32, labels [N]) of one split, in split order, on every process."""
+def embed_split(cfg, section, split: str, mesh, encode_image) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [N, d] float32, labels [N]) of one split of a probe section's dataset, in split order, on every
+    process."""
     embs, labels, masks = [], [], []
-    batches = eval_data.eval_batches(
-        _split_cfg(cfg, split), batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size
-    )
-    for batch in batches:
+    for batch in eval_data.eval_batches(cfg, section, split=split, num_devices=mesh.devices.size):
         dev = sharding.put_batch({"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}, mesh)
         embs.append(common.to_host(encode_image(dev["image"])))
         labels.append(common.to_host(dev["label"]))
@@ -42,7 +31,7 @@ def fit_and_score(train_x, train_y, test_x, test_y, c: float) -> dict:
 
     if len(np.unique(train_y)) < 2:
         raise ValueError(
-            "the probe's train split has fewer than 2 classes; set eval.probe_dataset to a labelled set"
+            "the probe's train split has fewer than 2 classes; point the probe section at a labelled set"
         )
     model = LogisticRegression(C=c, max_iter=1000)
     pred = model.fit(train_x, train_y).predict(test_x)
@@ -56,12 +45,21 @@ def fit_and_score(train_x, train_y, test_x, test_y, c: float) -> dict:
     }
 
 
-def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
-    """Linear-probe accuracies on cfg.eval.probe_dataset.
+class LinearProbe(common.Evaluator):
+    """Linear-probe accuracies on one labelled set (an `evals.<name>` section of type 'probe'): fitted on its
+    train_split, scored on its split."""
 
-    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
-    """
-    encode_image, _ = encoders or common.encoders(params, graphdef)
-    train_x, train_y = embed_split(cfg, cfg.eval.probe_train_split, mesh, encode_image)
-    test_x, test_y = embed_split(cfg, cfg.eval.probe_test_split, mesh, encode_image)
-    return fit_and_score(train_x, train_y, test_x, test_y, cfg.eval.probe_c)
+    def __init__(self, name, section, cfg, mesh):
+        super().__init__(name, section, cfg, mesh)
+        for split in (section.train_split, section.split):
+            source = pipeline.open_source(section.dataset, split, cfg.data.data_dir)
+            where = f"{self.key} (dataset {section.dataset!r}, split '{split}')"
+            features = [(f"{self.key}.{k}", section[k]) for k in ("image_key", "label_key")]
+            preflight.check_features(source, where, features)
+
+    def run(self, params, encoders, graphdef=None) -> dict:
+        """-> top1, mean_per_class (%), train_examples, examples."""
+        encode = lambda x: encoders.image(params, x)
+        train_x, train_y = embed_split(self.cfg, self.section, self.section.train_split, self.mesh, encode)
+        test_x, test_y = embed_split(self.cfg, self.section, self.section.split, self.mesh, encode)
+        return fit_and_score(train_x, train_y, test_x, test_y, self.section.c)

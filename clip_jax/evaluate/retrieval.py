@@ -18,7 +18,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import blockwise, common
-from clip_jax.input import decode, eval_data, pipeline
+from clip_jax.input import decode, eval_data, pipeline, preflight
 from clip_jax.input import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,17 @@ def _records(source, idx):
     return getitems(idx) if getitems and idx else [source[i] for i in idx]
 
 
-def encode_images(cfg, mesh, encode_image):
-    """Encode this process's share of the retrieval images.
+def encode_images(cfg, section, mesh, encode_image):
+    """Encode this process's share of the images of a retrieval section (dataset, split, image_key, text_key,
+    batch_size, max_examples).
 
     Returns (device lists of embeddings, ids and valid flags, one entry per global batch; this process's captions;
     the id of each caption's image). An image's id is its index in the split; unreadable images are left out,
     with their captions.
     """
-    e, pc, pi = cfg.eval, jax.process_count(), jax.process_index()
-    source = pipeline.open_source(e.retrieval_dataset, e.retrieval_split, cfg.data.data_dir)
-    total = len(source) if e.retrieval_max_examples < 0 else min(len(source), e.retrieval_max_examples)
+    e, pc, pi = section, jax.process_count(), jax.process_index()
+    source = pipeline.open_source(e.dataset, e.split, cfg.data.data_dir)
+    total = len(source) if e.max_examples < 0 else min(len(source), e.max_examples)
     local, size, max_len = e.batch_size // pc, cfg.model.image.image_size, cfg.model.text.max_len
     embs, ids, oks, captions, owners = [], [], [], [], []
     for start in range(0, total, e.batch_size):
@@ -58,15 +59,15 @@ def encode_images(cfg, mesh, encode_image):
         images = np.zeros((local, size, size, 3), np.float32)
         img_id, ok = np.full((local,), -1, np.int32), np.zeros((local,), bool)
         for j, (i, record) in enumerate(zip(idx, _records(source, idx), strict=True)):
-            value = pipeline.field(record, e.retrieval_text_key)
+            value = pipeline.field(record, e.text_key)
             if value is None:
                 raise pipeline.DataError(
-                    f"{e.retrieval_dataset} has no caption feature '{e.retrieval_text_key}' (its features: "
-                    f"{sorted(record)}); set eval.retrieval_text_key"
+                    f"{e.dataset} has no caption feature '{e.text_key}' (its features: {sorted(record)}); set the "
+                    "retrieval section's text_key"
                 )
-            image, bits = eval_data.eval_image(cfg, pipeline.field(record, e.retrieval_image_key))
+            image, bits = eval_data.eval_image(cfg, pipeline.field(record, e.image_key))
             if image is None:
-                log.warning("retrieval image %d skipped: %s", i, ", ".join(decode.issue_names(bits)))
+                log.warning("%s image %d skipped: %s", e.dataset, i, ", ".join(decode.issue_names(bits)))
                 continue
             images[j], img_id[j], ok[j] = image, i, True
             texts = captions_of(value, max_len)
@@ -77,7 +78,7 @@ def encode_images(cfg, mesh, encode_image):
         ids.append(dev["id"])
         oks.append(dev["ok"])
     if not embs:
-        raise pipeline.DataError(f"{e.retrieval_dataset} split '{e.retrieval_split}' has no images")
+        raise pipeline.DataError(f"{e.dataset} split '{e.split}' has no images")
     return (embs, ids, oks), captions, np.asarray(owners, np.int32)
 
 
@@ -86,7 +87,7 @@ def _text_ids(owners: np.ndarray) -> np.ndarray:
     among its image's captions (they are listed together, in stored order)."""
     per_image = max(_global_max(int(np.unique(owners, return_counts=True)[1].max()) if len(owners) else 0), 1)
     if (_global_max(int(owners.max()) if len(owners) else 0) + 1) * per_image >= blockwise.NO_INDEX:
-        raise ValueError("too many captions for int32 caption ids; set eval.retrieval_max_examples lower")
+        raise ValueError("too many captions for int32 caption ids; set the retrieval section's max_examples lower")
     first = np.flatnonzero(np.r_[True, np.diff(owners) != 0]) if len(owners) else np.zeros(0, int)
     position = np.arange(len(owners)) - np.repeat(first, np.diff(np.r_[first, len(owners)]))
     return (owners.astype(np.int64) * per_image + position).astype(np.int32)
@@ -100,12 +101,12 @@ def _global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
-def encode_texts(cfg, mesh, encode_text, captions: list[str], owners: np.ndarray):
+def encode_texts(cfg, section, mesh, encode_text, captions: list[str], owners: np.ndarray, tok=None):
     """Encode this process's captions over all devices: device lists of embeddings, ids, image ids, valid flags.
     Every process runs the same number of steps (the most any process needs), padding with invalid rows."""
-    local = cfg.eval.batch_size // jax.process_count()
+    local = section.batch_size // jax.process_count()
     steps = max(1, -(-_global_max(len(captions)) // local))
-    tok, text_ids = tokenizer_lib.make(cfg), _text_ids(owners)
+    tok, text_ids = tok or tokenizer_lib.make(cfg), _text_ids(owners)
     embs, ids, own, oks = [], [], [], []
     for s in range(steps):
         part = slice(s * local, (s + 1) * local)
@@ -137,20 +138,29 @@ def _scorer(mesh, tile: int):
     return jax.jit(score, out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
-    """Recall@1/5/10 (%) both ways on cfg.eval.retrieval_dataset, with the numbers of images and captions.
+class Retrieval(common.Evaluator):
+    """Recall@1/5/10 (%) both ways on one captioned set (an `evals.<name>` section of type 'retrieval'), with the
+    numbers of images and captions."""
 
-    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
-    """
-    encode_image, encode_text = encoders or common.encoders(params, graphdef)
-    (embs, ids, oks), captions, owners = encode_images(cfg, mesh, encode_image)
-    t_embs, t_ids, t_owner, t_oks = encode_texts(cfg, mesh, encode_text, captions, owners)
-    cat = functools.partial(blockwise.concat_sharded, mesh=mesh, axes=sharding.BATCH_AXES)
-    args = [cat(p) for p in (embs, ids, oks, t_embs, t_ids, t_owner, t_oks)]
-    (hits_i, n_i), (hits_t, n_t) = _scorer(mesh, cfg.eval.retrieval_tile)(*args)
-    hits_i, hits_t, n_i, n_t = (common.to_host(x) for x in (hits_i, hits_t, n_i, n_t))
-    out = {"images": int(n_i), "texts": int(n_t)}
-    for k, hi, ht in zip(KS, hits_i, hits_t, strict=True):
-        out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i), 1)
-        out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t), 1)
-    return out
+    def __init__(self, name, section, cfg, mesh):
+        super().__init__(name, section, cfg, mesh)
+        source = pipeline.open_source(section.dataset, section.split, cfg.data.data_dir)
+        where = f"{self.key} (dataset {section.dataset!r}, split '{section.split}')"
+        features = [(f"{self.key}.{k}", section[k]) for k in ("image_key", "text_key")]
+        preflight.check_features(source, where, features)
+        self.tokenizer = tokenizer_lib.make(cfg)
+
+    def run(self, params, encoders, graphdef=None) -> dict:
+        cfg, mesh, section = self.cfg, self.mesh, self.section
+        (embs, ids, oks), captions, owners = encode_images(cfg, section, mesh, lambda x: encoders.image(params, x))
+        text = lambda x: encoders.text(params, x)
+        t_embs, t_ids, t_owner, t_oks = encode_texts(cfg, section, mesh, text, captions, owners, self.tokenizer)
+        cat = functools.partial(blockwise.concat_sharded, mesh=mesh, axes=sharding.BATCH_AXES)
+        args = [cat(p) for p in (embs, ids, oks, t_embs, t_ids, t_owner, t_oks)]
+        (hits_i, n_i), (hits_t, n_t) = _scorer(mesh, section.tile)(*args)
+        hits_i, hits_t, n_i, n_t = (common.to_host(x) for x in (hits_i, hits_t, n_i, n_t))
+        out = {"images": int(n_i), "texts": int(n_t)}
+        for k, hi, ht in zip(KS, hits_i, hits_t, strict=True):
+            out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i), 1)
+            out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t), 1)
+        return out

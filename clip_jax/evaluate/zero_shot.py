@@ -6,11 +6,14 @@ device; each step reduces to per-class counts on the devices ([groups, 3, classe
 counts reach the host, identical on every process.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import sharding
+from clip_jax.config import ConfigError
 from clip_jax.evaluate import common
 from clip_jax.evaluate import templates as templates_lib
 from clip_jax.input import eval_data
@@ -26,6 +29,11 @@ def class_embeddings(encode_text, tokens_per_class: np.ndarray, mesh, chunk: int
     emb = emb.astype(np.float64).reshape(c, t, -1).mean(axis=1)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
     return jax.device_put(emb.astype(np.float32), sharding.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _counts(img_emb, class_emb, labels, groups, k):
+    return class_counts(img_emb, class_emb, labels, groups, k)
 
 
 def class_counts(img_emb, class_emb, labels, groups, k):
@@ -44,13 +52,12 @@ def class_counts(img_emb, class_emb, labels, groups, k):
 def score(encode_image, class_emb, batches, mesh, k: int) -> np.ndarray:
     """Sum of class_counts over host batches {'image', 'label', 'mask', optional 'unseen'}: float64 [G, 3, C]."""
     total = np.zeros((len(GROUPS), 3, class_emb.shape[0]))
-    counts = jax.jit(class_counts, static_argnames=("k",), out_shardings=sharding.replicated(mesh))
     for batch in batches:
         mask = batch["mask"].astype(np.float32)
         unseen = batch.get("unseen", np.zeros_like(mask)).astype(np.float32)
         groups = np.stack([mask, mask * (1 - unseen), mask * unseen], axis=1)  # [b, G]: sharded with the batch
         dev = sharding.put_batch({"image": batch["image"], "label": batch["label"], "groups": groups}, mesh)
-        out = counts(encode_image(dev["image"]), class_emb, dev["label"], dev["groups"], k=k)
+        out = _counts(encode_image(dev["image"]), class_emb, dev["label"], dev["groups"], k=k)
         total += common.to_host(out)
     return total
 
@@ -76,19 +83,28 @@ def metrics(counts: np.ndarray, k: int) -> dict:
     return out
 
 
-def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
-    """Zero-shot accuracies (%) of the model in `params` on cfg.eval.dataset, with chance levels for reference.
+class ZeroShot(common.Evaluator):
+    """Zero-shot accuracies (%) on one labelled set (an `evals.<name>` section of type 'zeroshot'), with chance
+    levels for reference. Class names, prompts and their tokens are made once, when the evaluator is built."""
 
-    encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
-    """
-    label_names = eval_data.class_names(cfg)
-    names = templates_lib.class_names(cfg.eval.class_names, cfg.eval.dataset, label_names)
-    prompts = templates_lib.class_prompts(cfg.eval.templates, names)
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("every class needs the same number of prompts")
-    encode_image, encode_text = encoders or common.encoders(params, graphdef)
-    tok = tokenizer_lib.make(cfg)
-    class_emb = class_embeddings(encode_text, np.stack([tok(p) for p in prompts]), mesh)
-    k = min(5, len(names))
-    batches = eval_data.eval_batches(cfg, batch_size=cfg.eval.batch_size, num_devices=mesh.devices.size)
-    return metrics(score(encode_image, class_emb, batches, mesh, k), k)
+    def __init__(self, name, section, cfg, mesh):
+        super().__init__(name, section, cfg, mesh)
+        label_names = eval_data.class_names(section, cfg.data.data_dir, self.key)
+        templates = section.templates or templates_lib.default_templates(section.dataset)
+        try:
+            names = templates_lib.class_names(section.class_names, section.dataset, label_names)
+            prompts = templates_lib.class_prompts(templates, names)
+        except ConfigError as e:
+            raise ConfigError(f"{self.key}.{e}") from None
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("every class needs the same number of prompts")
+        tok = tokenizer_lib.make(cfg)
+        self.tokens = np.stack([tok(p) for p in prompts])  # [C, T, L]
+        self.templates, self.k = templates, min(5, len(names))
+
+    def run(self, params, encoders, graphdef=None) -> dict:
+        """-> top1, top5, mean_per_class (%), examples, num_classes, chance_top1, chance_top5 (+ _seen/_unseen)."""
+        class_emb = class_embeddings(lambda x: encoders.text(params, x), self.tokens, self.mesh)
+        batches = eval_data.eval_batches(self.cfg, self.section, num_devices=self.mesh.devices.size)
+        counts = score(lambda x: encoders.image(params, x), class_emb, batches, self.mesh, self.k)
+        return metrics(counts, self.k)

@@ -14,18 +14,19 @@ from clip_jax.input.pipeline import DataError, open_source
 log = logging.getLogger(__name__)
 
 
-def class_names(cfg) -> list[str]:
-    """Class names of the zero-shot set, from its ClassLabel feature."""
-    source = open_source(cfg.eval.dataset, cfg.eval.split, cfg.data.data_dir)
+def class_names(section, data_dir: str, where: str = "evals") -> list[str]:
+    """Class names of a labelled evaluation set (an `evals.<name>` section: dataset, split, label_key), from its
+    ClassLabel feature. Raises DataError naming `where` (the section's config key) when there is none."""
+    source = open_source(section.dataset, section.split, data_dir)
     features = source.dataset_info.features
-    if cfg.eval.label_key not in features:
+    if section.label_key not in features:
         raise DataError(
-            f"{cfg.eval.dataset} has no feature eval.label_key={cfg.eval.label_key!r}; its features are "
+            f"{where}.label_key={section.label_key!r}: {section.dataset} has no such feature; its features are "
             f"{sorted(features.keys())}"
         )
-    feature = features[cfg.eval.label_key]
+    feature = features[section.label_key]
     if not hasattr(feature, "names"):
-        raise DataError(f"eval.label_key '{cfg.eval.label_key}' of {cfg.eval.dataset} is not a ClassLabel feature")
+        raise DataError(f"{where}.label_key={section.label_key!r} of {section.dataset} is not a ClassLabel feature")
     return list(feature.names)
 
 
@@ -49,16 +50,19 @@ def eval_image(cfg, value) -> tuple[np.ndarray | None, int]:
     return ops.eval_view(rgb, size, d.eval_crop, d.image_mean, d.image_std, d.resample), bits
 
 
-def eval_batches(cfg, *, batch_size: int, num_devices: int):
-    """Yields this host's eval batches {'image', 'label', 'mask', ...}, each padded to batch_size // hosts rows.
+def eval_batches(cfg, section, *, split: str | None = None, num_devices: int):
+    """Yields this host's batches of a labelled evaluation set {'image', 'label', 'mask', maybe 'unseen'}.
 
-    Padding rows have mask 0, so every host runs the same number of equally shaped steps (a collective needs all).
+    section: an `evals.<name>` section (dataset, split, image_key, label_key, batch_size, max_examples); split
+    overrides its split (the probe reads two). Each batch is padded to section.batch_size // hosts rows; padding
+    rows and unreadable images (logged) have mask 0, so every host runs the same number of equally shaped steps
+    (a collective needs all). Images are eval_image's float32 [S, S, 3]; labels int32.
     """
-    e, pc, pi = cfg.eval, jax.process_count(), jax.process_index()
+    pc, pi, batch_size = jax.process_count(), jax.process_index(), section.batch_size
     if batch_size % num_devices:
-        raise ValueError(f"eval.batch_size={batch_size} must divide over the {num_devices} devices")
-    source = open_source(e.dataset, e.split, cfg.data.data_dir)
-    total = len(source) if e.max_examples < 0 else min(len(source), e.max_examples)
+        raise ValueError(f"batch_size={batch_size} of {section.dataset} must divide over the {num_devices} devices")
+    source = open_source(section.dataset, split or section.split, cfg.data.data_dir)
+    total = len(source) if section.max_examples < 0 else min(len(source), section.max_examples)
     local, size = batch_size // pc, cfg.model.image.image_size
     for start in range(0, total, batch_size):
         idx = list(range(start + pi * local, min(start + (pi + 1) * local, total)))
@@ -71,11 +75,11 @@ def eval_batches(cfg, *, batch_size: int, num_devices: int):
         }
         batch["mask"][:n] = 1.0
         for j, r in enumerate(records):
-            batch["label"][j] = int(r[e.label_key])
-            image, bits = eval_image(cfg, r[cfg.data.image_key])
+            batch["label"][j] = int(r[section.label_key])
+            image, bits = eval_image(cfg, r[section.image_key])
             if image is None:  # an unreadable eval image is left out of the score (mask 0), and logged
                 batch["mask"][j] = 0.0
-                log.warning("eval image %d skipped: %s", idx[j], ", ".join(decode.issue_names(bits)))
+                log.warning("%s image %d skipped: %s", section.dataset, idx[j], ", ".join(decode.issue_names(bits)))
             else:
                 batch["image"][j] = image
         if records and "unseen" in records[0]:

@@ -71,8 +71,6 @@ def make(cfg):
         tok = cls(text.max_len, cfg.tokenizer.path)
     else:
         raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
-    if cfg.model.family == "coca" and tok.bos_id < 0:
-        raise ValueError(f"model.family='coca' decodes from a start token, and the {kind} tokenizer has none")
     # Every disagreement with the text tower at once, so a user switching tokenizers fixes them in one go.
     fixes = []
     if text.vocab_size < tok.vocab_size:  # a larger text vocabulary only has unused rows
