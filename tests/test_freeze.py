@@ -36,10 +36,10 @@ def test_split_and_merge_are_inverse():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    base = small_config(data_dir, total_steps=4, **{"eval.dataset": ""})
+    base = small_config(data_dir, total_steps=4, **{"evals.zeroshot.dataset": ""})
     pre = tmp_path_factory.mktemp("pretrained")
     train.run(base, str(pre))
-    lit = small_config(data_dir, total_steps=4, **{"eval.dataset": "", "optim.freeze": "^image/"})
+    lit = small_config(data_dir, total_steps=4, **{"evals.zeroshot.dataset": "", "optim.freeze": "^image/"})
     lit.init.workdir, lit.init.params = str(pre), "^image/"
     work = tmp_path_factory.mktemp("lit")
     result = train.run(lit, str(work))

@@ -38,7 +38,7 @@ TINY = {  # the smallest model the code supports: each run is mostly import + co
     "model.text.mlp_dim": 64,
     "data.name": "clip_shapes/small",
     "data.cache": False,
-    "eval.dataset": "",
+    "evals.zeroshot.dataset": "",
     "total_steps": TOTAL,
     "ckpt_every": EVERY,
     "log_every": 1,  # a log line per step: the tests see which step a run has reached

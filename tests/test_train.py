@@ -60,7 +60,7 @@ def test_training_lowers_the_loss_and_beats_chance(trained):
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(data_dir, tmp_path):
-    cfg = small_config(data_dir, total_steps=12, ckpt_every=4, **{"eval.dataset": ""})
+    cfg = small_config(data_dir, total_steps=12, ckpt_every=4, **{"evals.zeroshot.dataset": ""})
     straight = train.run(cfg, str(tmp_path / "straight"))
     first = train.run(cfg, str(tmp_path / "resumed"), stop_after=6)  # "preempted" after step 6 (saves at 6)
     assert first["step"] == 6
