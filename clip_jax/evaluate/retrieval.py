@@ -8,6 +8,20 @@ similarity matrix never exists anywhere) and only the hit counts reach the host,
 
 image->text: an image is a hit at k if any of its captions is among the k best texts for it.
 text->image: a caption is a hit at k if its own image is among the k best images for it.
+
+Conventions, checked against CLIP_benchmark 1.6.2 (clip_benchmark/metrics/zeroshot_retrieval.py, whose
+"text_retrieval_recall@k" is our i2t_r<k> and "image_retrieval_recall@k" our t2i_r<k>, as fractions, not %) by
+tests/test_clip_benchmark_metrics.py; `blockwise.CONVENTIONS` is the one-line summary a report prints:
+- An image without any usable caption is an i2t miss at every k and counts in the i2t denominator (CLIP_benchmark:
+  recall 0/0 = nan, and nan > 0 is False). `images` counts every readable image, `images_without_captions` these.
+- A caption that is missing or blank (after UTF-8 decoding) is dropped: it is neither a t2i query nor an i2t
+  candidate. CLIP_benchmark would encode a blank string like any other; only images with such captions differ.
+- An unreadable image is left out with its captions (counted in `images_unreadable`). CLIP_benchmark has no such
+  case: its data loader raises on the first image that does not decode.
+- Exact score ties go to the earlier image / caption in dataset order (split index, then caption order), so the
+  numbers are deterministic; CLIP_benchmark's torch.topk leaves the order of tied scores unspecified, so results
+  can differ where a tie straddles the k-th place, and only there.
+- k larger than the number of candidates counts every query with a positive as a hit (CLIP_benchmark raises).
 """
 
 import functools
@@ -140,6 +154,10 @@ def _scorer(mesh, tile: int):
 def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
     """Recall@1/5/10 (%) both ways on cfg.eval.retrieval_dataset, with the numbers of images and captions.
 
+    Returns {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 (floats, %), images, images_without_captions,
+    images_unreadable, texts (ints)}, by the conventions of the module docstring (CLIP_benchmark's: a captionless
+    image is an i2t miss in the denominator; ties go to the earlier item in dataset order).
+
     encoders: (encode_image, encode_text) to use instead of the model's (tests pass hand-built ones).
     """
     encode_image, encode_text = encoders or common.encoders(params, graphdef)
@@ -149,8 +167,16 @@ def evaluate(cfg, params, graphdef, mesh, encoders=None) -> dict:
     args = [cat(p) for p in (embs, ids, oks, t_embs, t_ids, t_owner, t_oks)]
     (hits_i, n_i), (hits_t, n_t) = _scorer(mesh, cfg.eval.retrieval_tile)(*args)
     hits_i, hits_t, n_i, n_t = (common.to_host(x) for x in (hits_i, hits_t, n_i, n_t))
-    out = {"images": int(n_i), "texts": int(n_t)}
+    e = cfg.eval
+    stored = len(pipeline.open_source(e.retrieval_dataset, e.retrieval_split, cfg.data.data_dir))
+    read = stored if e.retrieval_max_examples < 0 else min(stored, e.retrieval_max_examples)
+    out = {  # see the module docstring for the conventions (CLIP_benchmark's, except where it says)
+        "images": int(n_i[0]),  # every readable image: the i2t denominator
+        "images_without_captions": int(n_i[1]),  # i2t misses at every k
+        "images_unreadable": read - int(n_i[0]),  # left out with their captions
+        "texts": int(n_t[0]),  # usable captions: the t2i denominator
+    }
     for k, hi, ht in zip(KS, hits_i, hits_t, strict=True):
-        out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i), 1)
-        out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t), 1)
+        out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i[0]), 1)
+        out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t[0]), 1)
     return out
