@@ -17,6 +17,7 @@ device never holds more than [n_images_local, tile] scores. Two passes: the firs
 the second counts what ranks above it. Both compute each tile's scores with the same matmul, so a positive's
 score is bit-for-bit the value it is compared with (no recomputation in another order can move it by an ulp).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,9 @@ NO_INDEX = np.iinfo(np.int32).max  # "no caption" for an image; also the index o
 NO_RANK = np.iinfo(np.int32).max  # the rank of a valid query without any positive: a miss at every k
 # One line a report can print beside the numbers (tests/test_clip_benchmark_metrics.py checks each claim).
 CONVENTIONS = (
-    "recall@k as CLIP_benchmark (zeroshot_retrieval.py): i2t = per image, hit if any of its captions is in the top k "
-    "texts; t2i = per caption, hit if its image is in the top k images; an image without captions is an i2t miss, "
-    "counted in the denominator; exact score ties go to the earlier item in dataset order (CLIP_benchmark's "
+    "recall@k as CLIP_benchmark (zeroshot_retrieval.py): i2t = per image, hit if any of its captions is in the "
+    "top k texts; t2i = per caption, hit if its image is in the top k images; an image without captions is an i2t "
+    "miss, counted in the denominator; exact score ties go to the earlier item in dataset order (CLIP_benchmark's "
     "torch.topk leaves their order unspecified, so the two can differ on exact ties only)"
 )
 
