@@ -20,6 +20,7 @@ $(VENV)/.installed: setup.py
 $(VENV)/.installed-hf: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test,hf]"
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
+	$(BIN)/python -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $@
 
 setup: $(VENV)/.installed

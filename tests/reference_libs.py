@@ -6,6 +6,7 @@ transformers' image processors). Its tokenizer.py and loss.py need only torch, n
 loaded here straight from the installed open-clip-torch distribution, unmodified.
 """
 
+import importlib
 import importlib.util
 import os
 
@@ -22,3 +23,16 @@ def open_clip_module(name: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def clip_benchmark_module(name: str):
+    """clip_benchmark.metrics.<name> (e.g. "zeroshot_retrieval"); skips if clip-benchmark is not installed.
+
+    `make test` installs clip-benchmark with --no-deps (its declared dependencies include torchvision, see above).
+    The package's __init__ files import nothing, and its metric modules need only torch, tqdm and scikit-learn, so
+    a plain import of the installed, unmodified files works.
+    """
+    try:
+        return importlib.import_module(f"clip_benchmark.metrics.{name}")
+    except ModuleNotFoundError as e:
+        pytest.skip(f"CLIP_benchmark reference unavailable ({e}); make test installs clip-benchmark==1.6.2")

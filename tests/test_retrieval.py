@@ -13,9 +13,10 @@ AXES = ("data", "fsdp")
 
 
 def dense_ranks(img, img_idx, txt, txt_idx, owner):
-    """Reference: sort every row of the full score matrix by (score desc, id asc); rank of the first positive."""
+    """Reference: sort every row of the full score matrix by (score desc, id asc); rank of the first positive
+    (blockwise.NO_RANK, a miss at every k, for an image without captions)."""
     s = img.astype(np.float64) @ txt.astype(np.float64).T
-    rank_i = np.full(len(img), -1)
+    rank_i = np.full(len(img), blockwise.NO_RANK)
     for i in range(len(img)):
         order = np.lexsort((txt_idx, -s[i]))
         position = np.empty(len(order), int)
@@ -91,15 +92,38 @@ def test_blockwise_ranks_equal_dense(shape, tile, integer):
     got_i, got_t = blockwise_ranks(mesh_of(shape), img, img_idx, txt, txt_idx, owner, tile)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_array_equal(got_t, want_t)
-    assert (want_i == -1).any() and (want_i > 0).any()  # the case mix exercised: captionless images, misses
+    # The case mix exercised: captionless images, misses.
+    assert (want_i == blockwise.NO_RANK).any() and ((want_i > 0) & (want_i < blockwise.NO_RANK)).any()
 
 
 def test_recall_counts_match_numpy():
-    rank = np.array([0, 3, -1, 9, 10, 4, 0, -1, 1], np.int32)
-    hits, count = jax.jit(lambda r: blockwise.recall(r, (1, 5, 10)))(rank)
-    assert int(count) == 7
+    rank = np.array([0, 3, -1, 9, 10, 4, 0, -1, 1, blockwise.NO_RANK], np.int32)
+    hits, counts = jax.jit(lambda r: blockwise.recall(r, (1, 5, 10)))(rank)
+    np.testing.assert_array_equal(counts, [8, 1])  # padding (-1) left out; the positive-less query counted
     for k, h in zip((1, 5, 10), np.asarray(hits)):
-        assert h / 7 == pytest.approx(dense_recall(rank, k))
+        assert h / 8 == pytest.approx(dense_recall(rank, k))
+
+
+def test_queries_without_positives_are_misses_and_padding_is_not_counted():
+    """An image with no caption and a text whose image is padding both rank NO_RANK; padding ranks -1."""
+    mesh = mesh_of((2, 4))
+    rng = np.random.default_rng(3)
+    img, txt = rng.normal(size=(16, 4)).astype(np.float32), rng.normal(size=(16, 4)).astype(np.float32)
+    img_idx = np.arange(16, dtype=np.int32)
+    img_ok = np.arange(16) < 14  # images 14, 15 are padding
+    owner = np.array([0, 0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 1], np.int32)  # 4, 13 have no caption
+    txt_ok = np.arange(16) < 15  # text 15 is padding
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXES, *([None] * (a.ndim - 1)))))
+    args = [put(a) for a in (img, img_idx, img_ok, txt, np.arange(16, dtype=np.int32), owner, txt_ok)]
+    fn = jax.jit(lambda *a: blockwise.ranks(*a, mesh=mesh, axes=AXES, tile=2))
+    rank_i, rank_t = (np.asarray(r) for r in fn(*args))
+    np.testing.assert_array_equal(np.flatnonzero(rank_i == blockwise.NO_RANK), [4, 13])
+    np.testing.assert_array_equal(np.flatnonzero(rank_i == -1), [14, 15])
+    np.testing.assert_array_equal(np.flatnonzero(rank_t == blockwise.NO_RANK), [13, 14])  # their image: padding
+    np.testing.assert_array_equal(np.flatnonzero(rank_t == -1), [15])
+    hits, counts = (np.asarray(a) for a in blockwise.recall(jnp.asarray(rank_i), (16,)))
+    np.testing.assert_array_equal(counts, [14, 2])
+    assert hits[0] == 12  # k = every text: each image with a caption is a hit, the two without are not
 
 
 def test_all_ties_rank_by_id():

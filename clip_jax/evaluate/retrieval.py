@@ -1,13 +1,27 @@
 """Image<->text retrieval: recall@1/5/10 in both directions, for datasets with one or several captions per image.
 
-cfg.eval.retrieval_dataset names any tfds set with an image and a caption feature (a single text, or a sequence
-of texts, possibly nested: coco_captions 'captions/text'); the embedded `clip_shapes_captions` has five per
-image. Each process reads its share of every batch of images, encodes them over all devices and keeps the
+A retrieval section (evals.<name>, type 'retrieval') names any tfds set with an image and a caption feature (a
+single text, or a sequence of texts, possibly nested: coco_captions 'captions/text'); the embedded
+`clip_shapes_captions` has five per image. Each process reads its share of every batch of images, encodes them over all devices and keeps the
 embeddings there; its captions are then encoded the same way. The ranks come from blockwise.ranks (the full
 similarity matrix never exists anywhere) and only the hit counts reach the host, identical on every process.
 
 image->text: an image is a hit at k if any of its captions is among the k best texts for it.
 text->image: a caption is a hit at k if its own image is among the k best images for it.
+
+Conventions, checked against CLIP_benchmark 1.6.2 (clip_benchmark/metrics/zeroshot_retrieval.py, whose
+"text_retrieval_recall@k" is our i2t_r<k> and "image_retrieval_recall@k" our t2i_r<k>, as fractions, not %) by
+tests/test_clip_benchmark_metrics.py; `blockwise.CONVENTIONS` is the one-line summary a report prints:
+- An image without any usable caption is an i2t miss at every k and counts in the i2t denominator (CLIP_benchmark:
+  recall 0/0 = nan, and nan > 0 is False). `images` counts every readable image, `images_without_captions` these.
+- A caption that is missing or blank (after UTF-8 decoding) is dropped: it is neither a t2i query nor an i2t
+  candidate. CLIP_benchmark would encode a blank string like any other; only images with such captions differ.
+- An unreadable image is left out with its captions (counted in `images_unreadable`). CLIP_benchmark has no such
+  case: its data loader raises on the first image that does not decode.
+- Exact score ties go to the earlier image / caption in dataset order (split index, then caption order), so the
+  numbers are deterministic; CLIP_benchmark's torch.topk leaves the order of tied scores unspecified, so results
+  can differ where a tie straddles the k-th place, and only there.
+- k larger than the number of candidates counts every query with a positive as a hit (CLIP_benchmark raises).
 """
 
 import functools
@@ -127,7 +141,7 @@ def encode_texts(cfg, section, mesh, encode_text, captions: list[str], owners: n
 
 @functools.lru_cache(maxsize=8)
 def _scorer(mesh, tile: int):
-    """Jitted (image and text arrays) -> replicated ((i2t hits [3], images), (t2i hits [3], texts))."""
+    """Jitted (image and text arrays) -> replicated ((i2t hits [3], counts [2]), (t2i hits [3], counts [2]))."""
 
     def score(img, img_id, img_ok, txt, txt_id, owner, txt_ok):
         rank_i, rank_t = blockwise.ranks(
@@ -140,7 +154,11 @@ def _scorer(mesh, tile: int):
 
 class Retrieval(common.Evaluator):
     """Recall@1/5/10 (%) both ways on one captioned set (an `evals.<name>` section of type 'retrieval'), with the
-    numbers of images and captions."""
+    numbers of images and captions.
+
+    run() returns {i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 (floats, %), images, images_without_captions,
+    images_unreadable, texts (ints)}, by the conventions of the module docstring (CLIP_benchmark's: a captionless
+    image is an i2t miss in the denominator; ties go to the earlier item in dataset order)."""
 
     def __init__(self, name, section, cfg, mesh):
         super().__init__(name, section, cfg, mesh)
@@ -148,6 +166,7 @@ class Retrieval(common.Evaluator):
         where = f"{self.key} (dataset {section.dataset!r}, split '{section.split}')"
         features = [(f"{self.key}.{k}", section[k]) for k in ("image_key", "text_key")]
         preflight.check_features(source, where, features)
+        self.read = len(source) if section.max_examples < 0 else min(len(source), section.max_examples)
         self.tokenizer = tokenizer_lib.make(cfg)
 
     def run(self, params, encoders, graphdef=None) -> dict:
@@ -159,8 +178,13 @@ class Retrieval(common.Evaluator):
         args = [cat(p) for p in (embs, ids, oks, t_embs, t_ids, t_owner, t_oks)]
         (hits_i, n_i), (hits_t, n_t) = _scorer(mesh, section.tile)(*args)
         hits_i, hits_t, n_i, n_t = (common.to_host(x) for x in (hits_i, hits_t, n_i, n_t))
-        out = {"images": int(n_i), "texts": int(n_t)}
+        out = {  # see the module docstring for the conventions (CLIP_benchmark's, except where it says)
+            "images": int(n_i[0]),  # every readable image: the i2t denominator
+            "images_without_captions": int(n_i[1]),  # i2t misses at every k
+            "images_unreadable": self.read - int(n_i[0]),  # left out with their captions
+            "texts": int(n_t[0]),  # usable captions: the t2i denominator
+        }
         for k, hi, ht in zip(KS, hits_i, hits_t, strict=True):
-            out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i), 1)
-            out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t), 1)
+            out[f"i2t_r{k}"] = 100.0 * float(hi) / max(int(n_i[0]), 1)
+            out[f"t2i_r{k}"] = 100.0 * float(ht) / max(int(n_t[0]), 1)
         return out

@@ -4,6 +4,14 @@ Class embedding = normalise(mean over templates of the normalised text embedding
 once per evaluation with the prompts spread over all devices. Images are encoded batch-sharded over every
 device; each step reduces to per-class counts on the devices ([groups, 3, classes], replicated), so only those
 counts reach the host, identical on every process.
+
+Conventions, checked against CLIP_benchmark 1.6.2 (clip_benchmark/metrics/zeroshot_classification.py) by
+tests/test_clip_benchmark_metrics.py: top1 / top5 / mean_per_class are its acc1 / acc5 / mean_per_class_recall
+(sklearn's balanced_accuracy_score of the argmax: top-1 recall averaged over the classes that have images), in %
+instead of fractions; the class embeddings are the same prompt ensemble. Differences: exact score ties go to the
+lower class index here (lax.top_k); CLIP_benchmark's acc1 / acc5 use torch.topk, which leaves tied scores in no
+specified order, while its mean_per_class_recall uses argmax (the first maximum, as here). With fewer than 5
+classes, top5 here is top-k over all classes (100%), where CLIP_benchmark reports nan.
 """
 
 import functools
@@ -37,9 +45,10 @@ def _counts(img_emb, class_emb, labels, groups, k):
 
 
 def class_counts(img_emb, class_emb, labels, groups, k):
-    """[G, 3, C]: per group (weights [B, G]) and class, the number of images, of top-1 hits and of top-k hits.
+    """[G, 3, C] float32: per group (weights [B, G]) and class, the numbers of images, top-1 hits and top-k hits.
 
-    Ties between classes go to the lower class index (lax.top_k's order).
+    img_emb [B, d], class_emb [C, d], labels [B] int. Ties between classes go to the lower class index (lax.top_k's
+    order), as numpy's and torch's argmax do for top-1.
     """
     top = jax.lax.top_k(img_emb @ class_emb.T, k)[1]
     hit1 = (top[:, 0] == labels).astype(jnp.float32)
@@ -64,7 +73,8 @@ def score(encode_image, class_emb, batches, mesh, k: int) -> np.ndarray:
 
 def metrics(counts: np.ndarray, k: int) -> dict:
     """Accuracies (%) from score()'s counts: top1, top5 (top-k with k = min(5, classes)), mean_per_class (top-1
-    averaged over the classes that have images) and examples, per group present."""
+    averaged over the classes that have images: sklearn's balanced_accuracy_score, CLIP_benchmark's
+    mean_per_class_recall) and examples, per group present; num_classes and chance levels."""
     out = {}
     num_classes = counts.shape[-1]
     has_unseen = counts[GROUPS.index("_unseen"), 0].sum() > 0
