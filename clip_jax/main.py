@@ -1,8 +1,10 @@
 """Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`,
 and `convert --from hf --model-dir DIR --workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
 
-`eval` runs the configured evaluators on the latest checkpoint of --workdir (or on --checkpoint) and writes
-DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval.
+`eval` runs the configured evaluators (the evals.<name> sections) on the latest checkpoint of --workdir (or on
+--checkpoint) and writes DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval. `benchmark
+--checkpoint=DIR --datasets=a,b@split` evaluates it zero-shot on each dataset with the config saved beside it and
+writes DIR/eval/zeroshot_step<N>.csv and .md.
 
 Only argument handling, multi-host start-up and the printed report live here; the work is in train.py and
 evaluate/.
@@ -47,7 +49,10 @@ _FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this forma
 _TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
 _MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
 _IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comma-separated).")
-MODES = ("train", "eval", "convert", "caption")
+_DATASETS = flags.DEFINE_string("datasets", "", "benchmark: zero-shot sets, comma-separated, name[@split].")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "benchmark: tfds data_dir (default: the checkpoint's data.data_dir).")
+_OUT = flags.DEFINE_string("out", "", "benchmark: folder for the CSV and markdown table (default: WORKDIR/eval).")
+MODES = ("train", "eval", "convert", "caption", "benchmark")
 
 
 def report(result: dict, cfg) -> str:
@@ -95,6 +100,11 @@ def _retrieval_lines(title, section, rt) -> list[str]:
     lines = [f"  retrieval {title} ({rt['images']} images, {rt['texts']} captions):"]
     for way, name in (("i2t", "image->text"), ("t2i", "text->image")):
         lines.append(f"    {name} R@1 {rt[way + '_r1']:.1f}%  R@5 {rt[way + '_r5']:.1f}%  R@10 {rt[way + '_r10']:.1f}%")
+    if rt.get("images_without_captions") or rt.get("images_unreadable"):
+        lines.append(
+            f"    {rt['images_without_captions']} images without captions (image->text misses, as CLIP_benchmark "
+            f"counts them); {rt['images_unreadable']} unreadable images left out"
+        )
     return lines
 
 
@@ -124,10 +134,10 @@ _SECTION_LINES = {
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
-    if not _WORKDIR.value and not (argv[1] == "eval" and _CHECKPOINT.value):
+    if not _WORKDIR.value and not (argv[1] in ("eval", "benchmark") and _CHECKPOINT.value):
         raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
-    if _CHECKPOINT.value and argv[1] != "eval":
-        raise app.UsageError("--checkpoint is for `eval`; `train` resumes from --workdir")
+    if _CHECKPOINT.value and argv[1] not in ("eval", "benchmark"):
+        raise app.UsageError("--checkpoint is for `eval` and `benchmark`; `train` resumes from --workdir")
     import jax
 
     if _DISTRIBUTED.value:
@@ -144,6 +154,8 @@ def main(argv):
 
     if argv[1] == "convert":
         return convert()
+    if argv[1] == "benchmark":
+        return benchmark()
     cfg = _CONFIG.value
     try:
         config_checks.validate(cfg, jax.device_count())
@@ -173,6 +185,29 @@ def main(argv):
         print(report(result, cfg), flush=True)
         if result.get("preempted"):  # a preemption is a clean stop: exit 0 so schedulers simply re-run the command
             print(result["message"], flush=True)
+
+
+def benchmark():
+    """`benchmark --checkpoint=WORKDIR --datasets=a,b@split`: zero-shot on every dataset, one table."""
+    import jax
+
+    from clip_jax import train
+    from clip_jax.evaluate import benchmark as benchmark_lib
+
+    if not _DATASETS.value or not (_CHECKPOINT.value or _WORKDIR.value):
+        raise app.UsageError("benchmark needs --checkpoint (or --workdir) and --datasets=name[@split],...")
+    try:
+        datasets = benchmark_lib.parse_datasets(_DATASETS.value)
+        result = benchmark_lib.run(
+            _CHECKPOINT.value or _WORKDIR.value, datasets, data_dir=_DATA_DIR.value, out_dir=_OUT.value
+        )
+    except train.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        with open(result["markdown"]) as f:
+            print(f.read(), end="", flush=True)
+        print(f"written to {result['csv']} and {result['markdown']}", flush=True)
 
 
 def convert():
