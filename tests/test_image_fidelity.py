@@ -15,8 +15,9 @@ import tensorflow_datasets as tfds
 from PIL import ExifTags, Image, ImageOps
 
 from clip_jax import config as config_lib
-from clip_jax import sharding
-from clip_jax.evaluate import captioning, retrieval
+from clip_jax import optim, sharding
+from clip_jax import state as run_state
+from clip_jax.evaluate import captioning, common, linear_probe, retrieval, suite
 from clip_jax.input import decode, eval_data, ops, pipeline
 
 transformers = pytest.importorskip("transformers")
@@ -318,6 +319,56 @@ def test_captioning_eval_images(public_set):
     images, refs = captioning.load_examples(cfg, "fidelity_photos", "test", -1)
     _close(images, want)
     assert len(refs) == len(want)
+
+
+class _Recording:
+    """The model's encoders, keeping every image batch they encode with its embeddings (host copies)."""
+
+    def __init__(self, graphdef):
+        self.model, self.seen = common.ModelEncoders(graphdef), []
+
+    def image(self, params, images):
+        out = self.model.image(params, images)
+        self.seen.append((common.to_host(images), common.to_host(out)))
+        return out
+
+    def text(self, params, tokens):
+        return self.model.text(params, tokens)
+
+    def by_image(self, want) -> dict:
+        """Index of a stored photo (its HF view in `want`) -> the embedding this evaluator got for it."""
+        out = {}
+        for images, embs in self.seen:
+            for image, emb in zip(images, embs, strict=True):
+                hit = [i for i, w in enumerate(want) if np.abs(image - w).max() <= 1e-6]
+                if hit:
+                    out[hit[0]] = emb
+        return out
+
+
+def test_every_evaluator_gets_the_same_embedding_of_an_image(public_set):
+    """An imported-CLIP setup (OpenAI mean/std, centre crop): zero-shot, retrieval, the probe and captioning encode
+    the same pixels for a stored photo (HF's CLIPImageProcessor's, as the tests above check) and the same model
+    gives each the same embedding."""
+    cfg, want = public_set
+    mesh = sharding.make_mesh(cfg)
+    graphdef, state, _ = run_state.init_state(cfg, mesh, optim.make(cfg))
+    params, got = state["params"], {}
+    for name in ("zeroshot", "retrieval"):
+        recording = _Recording(graphdef)
+        suite.Suite(cfg, mesh, encoders=recording).run(params, graphdef, [name])
+        got[name] = recording.by_image(want)
+    recording = _Recording(graphdef)
+    linear_probe.embed_split(cfg, cfg.evals.probe, "test", mesh, lambda x: recording.image(params, x))
+    got["probe"] = recording.by_image(want)
+    images, _ = captioning.load_examples(cfg, "fidelity_photos", "test", -1)  # what the captioning evaluator reads
+    recording = _Recording(graphdef)
+    recording.image(params, sharding.put_batch({"x": common.pad_rows(images, 8)}, mesh)["x"])
+    got["captioning"] = recording.by_image(want)
+    for name, embs in got.items():
+        assert sorted(embs) == list(range(len(want))), name  # every photo reached every evaluator
+        for i, emb in embs.items():
+            np.testing.assert_allclose(emb, got["zeroshot"][i], rtol=0, atol=1e-6, err_msg=f"{name}, photo {i}")
 
 
 def test_caption_cli_matches_transformers_load_image(public_set, tmp_path):
