@@ -4,8 +4,9 @@ Variants by argument (comma-separated): `configs/tiny_cpu.py:sigmoid` trains Sig
 `configs/tiny_cpu.py:digits` trains and evaluates on scikit-learn's real handwritten digits, `:fashion` trains on
 Fashion-MNIST's captioned train split and evaluates zero-shot on its test split (10 clothing classes), `:emoji`
 trains on the rendered emoji and their names (no zero-shot set: every emoji is its own caption). The demo sets
-are prepared on first use (see data/prepare.py --name demo). `:sweep` has one transformer layer per tower (the
-batch-size sweep's model).
+are prepared on first use (see data/prepare.py --name demo). `:retrieval` adds an image<->text retrieval evaluator
+on clip_shapes_captions beside zero-shot. `:sweep` has one transformer layer per tower (the batch-size sweep's
+model) and both evaluators.
 """
 
 import math
@@ -15,7 +16,7 @@ from clip_jax.config import base, evaluator
 
 def get_config(arg: str = ""):
     opts = set(filter(None, (arg or "").split(",")))
-    known = {"sigmoid", "digits", "fashion", "emoji", "sweep"}
+    known = {"sigmoid", "digits", "fashion", "emoji", "sweep", "retrieval"}
     unknown = opts - known
     if unknown:
         raise ValueError(f"unknown tiny_cpu option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
@@ -55,9 +56,8 @@ def get_config(arg: str = ""):
         # 2.3x the examples/s of two layers on CPU (measured), so experiments/batch_size_sweep.py's 16 runs fit in
         # under an hour on 2 cores with enough examples that its largest batch still takes dozens of steps.
         c.model.image.depth = c.model.text.depth = 1
-        c.evals.retrieval = evaluator(
-            "retrieval", dataset="clip_shapes_captions", batch_size=256
-        )  # R@1 in the plot
+    if "retrieval" in opts or "sweep" in opts:  # R@1 beside zero-shot top-1 (in the sweep's plot too)
+        c.evals.retrieval = evaluator("retrieval", dataset="clip_shapes_captions", batch_size=256)
     if "digits" in opts:
         c.data.name = c.evals.zeroshot.dataset = "clip_digits"
     if "fashion" in opts:  # 28x28 images padded to 32x32; 60k train captions, 10k test images for zero-shot

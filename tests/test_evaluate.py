@@ -36,7 +36,7 @@ TINY = {  # the smallest model: the end-to-end test is mostly import and compile
     "data.cache": False,
     "evals.zeroshot.dataset": "clip_shapes/small",
     "evals.zeroshot.batch_size": 64,
-    "evals.retrieval.dataset": "clip_shapes_captions/small",  # tiny_cpu.py:sweep has a retrieval section
+    "evals.retrieval.dataset": "clip_shapes_captions/small",  # tiny_cpu.py:retrieval adds this section
     "evals.retrieval.batch_size": 64,
     "evals.retrieval.tile": 48,
     "total_steps": 6,
@@ -47,7 +47,7 @@ TINY = {  # the smallest model: the end-to-end test is mostly import and compile
 
 
 def config(data_dir, **overrides):
-    cfg = tiny_cpu.get_config("sweep")
+    cfg = tiny_cpu.get_config("retrieval")
     for key, value in {**TINY, "data.data_dir": str(data_dir), **overrides}.items():
         node = cfg
         *path, last = key.split(".")
@@ -255,7 +255,7 @@ def test_train_then_cli_eval_writes_json_and_summaries(shapes_data_dir, tmp_path
     assert result["sections"]["retrieval"]["texts"] == 1000 and result["sections"]["zeroshot"]["examples"] == 400
     overrides = [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": shapes_data_dir}.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "clip_jax.main", "eval", "--config=configs/tiny_cpu.py:sweep"]
+    cmd = [sys.executable, "-m", "clip_jax.main", "eval", "--config=configs/tiny_cpu.py:retrieval"]
     cmd += [f"--checkpoint={workdir}/checkpoints/6", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
