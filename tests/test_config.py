@@ -21,9 +21,17 @@ import tiny_cpu  # noqa: E402
 def test_every_base_key_has_a_comment():
     source = open(os.path.join(ROOT, "clip_jax", "config.py")).read()
     for key in config_lib._flatten(config_lib.base()):
+        if key.startswith("evals."):  # evaluator sections: their keys are commented in evaluate/sections.py
+            continue
         line = re.search(rf"^\s+c\.{re.escape(key)} = .*$", source, flags=re.M)
         assert line, f"base() does not assign {key} on its own line"
         assert "#" in line.group(0), f"config key without a comment: {line.group(0).strip()}"
+    sections = open(os.path.join(ROOT, "clip_jax", "evaluate", "sections.py")).read()
+    from clip_jax.evaluate import sections as sections_lib
+
+    for key in {k for keys in sections_lib.TYPES.values() for k in keys}:
+        line = re.search(rf'^\s+"{key}": .*$', sections, flags=re.M)
+        assert line and "#" in line.group(0), f"evaluator key {key} without a commented line in sections.py"
 
 
 @pytest.mark.parametrize("module", [tiny_cpu, clip_b16, siglip_b16])

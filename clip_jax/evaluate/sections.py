@@ -23,9 +23,7 @@ TYPES = {
     "zeroshot": {
         **COMMON,
         "label_key": "label",  # the label feature (a ClassLabel: class names come from it)
-        # Prompts: a key of evaluate/data/templates.json or an embedded set's own ('' = chosen for the dataset:
-        # templates.default_templates)
-        "templates": "",
+        "templates": "",  # templates.json key or an embedded set's ('' = for the dataset: templates.default_templates)
         "class_names": "",  # '' = data/class_names.json entry if any, else the ClassLabel's; 'label'; or a key
     },
     # Image<->text retrieval: recall@1/5/10 both ways (CLIP_benchmark's conventions; see retrieval.py).
