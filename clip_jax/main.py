@@ -109,17 +109,13 @@ def _retrieval_lines(title, section, rt) -> list[str]:
 
 
 def _probe_lines(title, section, pr) -> list[str]:
-    return [
-        f"  linear probe {title} ({pr['train_examples']} {section.train_split} / {pr['examples']} test images): "
-        f"top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"
-    ]
+    counts = f"{pr['train_examples']} {section.train_split} / {pr['examples']} {section.split} images"
+    return [f"  linear probe {title} ({counts}): top-1 {pr['top1']:.1f}%, mean per-class {pr['mean_per_class']:.1f}%"]
 
 
 def _captioning_lines(title, section, cap) -> list[str]:
-    return [
-        f"  captioning {title} ({cap['examples']} images): perplexity {cap['perplexity']:.2f}, "
-        f"CIDEr-D {cap['cider']:.3f}"
-    ]
+    scores = f"perplexity {cap['perplexity']:.2f}, CIDEr-D {cap['cider']:.3f}"
+    return [f"  captioning {title} ({cap['examples']} images): {scores}"]
 
 
 # Evaluator type -> its lines of the report (every type of evaluate/suite.py TYPES has one).

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax import train
 from clip_jax import state as run_state
+from clip_jax import train
 from clip_jax.evaluate import captioning
 from clip_jax.input import pipeline
 

@@ -16,8 +16,7 @@ from test_loss_precision import float64_reference
 from test_train import small_config
 
 from clip_jax import config as config_lib
-from clip_jax import config_checks
-from clip_jax import optim, sharding, train
+from clip_jax import config_checks, optim, sharding, train
 
 CAP = math.log(100.0)
 START = math.log(110.0)  # above the cap, as a warm start or an imported checkpoint can be
