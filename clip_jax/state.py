@@ -63,7 +63,7 @@ def state_shardings(cfg, mesh, opt):
 
 def init_state(cfg, mesh, opt):
     """Create the state directly in its sharded layout: no device ever holds a full replica of FSDP weights."""
-    graphdef, abstract, shardings = state_shardings(cfg, mesh, opt)
+    graphdef, _, shardings = state_shardings(cfg, mesh, opt)
     init = jax.jit(functools.partial(_init_fn, cfg, opt), out_shardings=shardings)
     return graphdef, init(jax.random.PRNGKey(cfg.seed)), shardings
 
@@ -107,17 +107,18 @@ def load_config(checkpoint: str, *, strict: bool = False):
     return config_lib.from_dict(saved, strict=strict), step
 
 
-def restore_params(cfg, checkpoint: str, *, mesh=None):
+def restore_params(cfg, checkpoint: str, *, step: int | None = None, mesh=None):
     """Parameters of a saved run, sharded for cfg's model on `mesh` (default: cfg's mesh on all devices).
 
-    checkpoint: a workdir, its checkpoints/ folder or a step folder (resolve_checkpoint); the latest step unless it
-    names one. cfg must describe the saved model (checkpoint.check_compatible says which keys differ otherwise).
+    checkpoint: a workdir, its checkpoints/ folder or a step folder (resolve_checkpoint); `step`, else the step it
+    names, else the latest. cfg must describe the saved model (checkpoint.check_compatible says which keys differ otherwise).
     Returns (step, params, graphdef, mesh). Raises TrainingError when there is no such checkpoint, and
     checkpoint.CheckpointMismatch when it holds another model.
     """
     from clip_jax import checkpoint as checkpoint_lib
 
-    workdir, step = resolve_checkpoint(checkpoint)
+    workdir, named = resolve_checkpoint(checkpoint)
+    step = named if step is None else step
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
     graphdef, abstract, shardings = state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)

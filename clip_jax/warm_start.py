@@ -4,7 +4,6 @@ checkpoint, or any subset of parameters selected by a regex over their paths.
 Used only when the workdir has no checkpoint of its own; once the run has saved, resuming ignores init.*.
 """
 
-import os
 import re
 
 import jax
@@ -22,8 +21,7 @@ def copy_params(cfg, params, shardings, mesh):
     except run_state.TrainingError as e:
         raise config_lib.ConfigError(f"init.workdir={src!r} holds no checkpoint to start from ({e})") from None
     src_cfg.mesh.data, src_cfg.mesh.fsdp = cfg.mesh.data, cfg.mesh.fsdp  # restore onto this run's devices
-    workdir, _ = run_state.resolve_checkpoint(src)
-    _, src_params, _, _ = run_state.restore_params(src_cfg, os.path.join(workdir, "checkpoints", str(step)), mesh=mesh)
+    _, src_params, _, _ = run_state.restore_params(src_cfg, src, step=step, mesh=mesh)
     source = dict(zip(optim.param_paths(src_params), jax.tree.leaves(src_params)))
 
     pattern = re.compile(cfg.init.params or ".")

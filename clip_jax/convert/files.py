@@ -183,7 +183,7 @@ def read_checkpoint(workdir):
 
     try:
         cfg, step = run_state.load_config(workdir, strict=True)
-        _, params, _, _ = run_state.restore_params(cfg, os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))
+        _, params, _, _ = run_state.restore_params(cfg, workdir, step=step)
     except run_state.TrainingError as e:
         raise hf.ConversionError(str(e)) from None
     return cfg, jax.tree.map(np.asarray, jax.device_get(params))

@@ -70,7 +70,7 @@ def run(checkpoint: str, datasets, *, data_dir: str = "", batch_size: int = 256,
     mesh = sharding.make_mesh(cfg)
     evals = suite.Suite(cfg, mesh)
     workdir, _ = run_state.resolve_checkpoint(checkpoint)
-    _, params, graphdef, _ = run_state.restore_params(cfg, os.path.join(workdir, "checkpoints", str(step)), mesh=mesh)
+    _, params, graphdef, _ = run_state.restore_params(cfg, workdir, step=step, mesh=mesh)
     metrics = evals.run(params, graphdef)
     rows = []
     for name, section in cfg.evals.items():
