@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clip_jax import cli_checks, config_checks
+from clip_jax import cli_checks, config_checks, console
 from clip_jax import config as config_lib
 
 if __name__ == "__main__":
@@ -48,6 +48,7 @@ _FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this forma
 _TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
 _MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
 _IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comma-separated).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (orbax, tfds, absl, jax, TF C++).")
 MODES = ("train", "eval", "convert", "caption")
 
 
@@ -118,6 +119,7 @@ def main(argv):
         raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
     if _CHECKPOINT.value and argv[1] != "eval":
         raise app.UsageError("--checkpoint is for `eval`; `train` resumes from --workdir")
+    console.setup(_VERBOSE.value)  # before jax starts its backends: their INFO lines are library chatter
     import jax
 
     if _DISTRIBUTED.value:
@@ -148,6 +150,7 @@ def main(argv):
         else:
             result = evaluate_checkpoint(cfg, _WORKDIR.value or "", checkpoint=_CHECKPOINT.value)
     except train.USER_ERRORS as e:
+        console.close_all()  # a progress bar on the terminal ends its line first
         print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointWriteError):
             # A failed orbax save leaves non-daemon threads waiting (up to its 20-minute timeout) for a signal

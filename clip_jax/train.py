@@ -16,7 +16,7 @@ import optax
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import config_checks, evaluate, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax import config_checks, console, evaluate, grad_cache, losses, nan_policy, optim, sharding, warm_start
 from clip_jax.input import pipeline, preflight
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
 
@@ -311,9 +311,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
 
 def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef, preemption):
     """Steps start+1..end (or until a preemption), with logging, checkpoints and periodic zero-shot eval."""
-    from clu import periodic_actions
-
-    progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
+    progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
     averager, history, skipped, t0 = MetricAverager(), [], [], time.perf_counter()
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
@@ -324,17 +322,19 @@ def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef
         averager.add(metrics, cfg.batch_size, step)
         if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
             jax.block_until_ready(metrics["loss"])
-        progress(step)
+        progress.step(step)
         preempted = preemption.requested() and step < end
         if step % cfg.log_every == 0 or step == end or preempted:
             history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt, skipped)})
+            progress.log(step, history[-1])
             t0 = time.perf_counter()
         if step == end or preempted or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
         if preempted:
             break
         if evaluate.enabled(cfg) and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-            writer.write_scalars(step, evaluate.run(cfg, state["params"], graphdef, mesh))
+            writer.write_scalars(step, progress.evaluated(step, evaluate.run(cfg, state["params"], graphdef, mesh)))
+    progress.close()
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)
