@@ -12,6 +12,7 @@ import sys
 import time
 
 from absl import logging as absl_logging
+from tqdm import tqdm
 
 _OPEN = []  # Progress objects with a bar on the terminal (closed by close_all before an error line is printed)
 
@@ -34,13 +35,18 @@ def setup(verbose: bool) -> None:
     custom operations are on" at import whatever that level is; TF_ENABLE_ONEDNN_OPTS=0, the switch that message
     names, turns those kernels and the message off. clip_jax runs no TensorFlow kernels that oneDNN would change
     (TF only writes TensorBoard events and backs tfds), and neither variable is changed if the environment sets it.
-    Worker processes (grain) inherit both. verbose=True: INFO and above, as absl's default; no variable is set.
+    Worker processes (grain) inherit both. Off a terminal, tfds's progress bars (preparing a dataset on first use)
+    are off too: each redraw would be a line. verbose=True: INFO and above, as absl's default; nothing else changes.
     Call it after absl has parsed the flags (inside `app.run`'s main), where absl's handler is on the root logger.
     """
     level = logging.INFO if verbose else logging.WARNING
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        if not on_terminal():
+            import tensorflow_datasets as tfds  # lazy: does not import TensorFlow
+
+            tfds.display_progress_bar(False)
     absl_logging.set_verbosity(level)  # the root logger when absl's handler is installed, else absl's own
     logging.getLogger().setLevel(level)
     absl_logger = absl_logging.get_absl_logger()  # tfds, orbax, grain and clu log through it
@@ -48,6 +54,11 @@ def setup(verbose: bool) -> None:
         absl_logger.removeFilter(f)
     if not verbose:
         absl_logger.addFilter(_DropAdvice())
+
+
+def on_terminal() -> bool:
+    """Whether a person watches a terminal: stdout and stderr are both ttys (not CI, a log file or a pipe)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 class _DropAdvice(logging.Filter):
@@ -82,15 +93,13 @@ class Progress:
 
     def __init__(self, total: int, start: int, *, writer=None, enabled: bool = True, interactive=None):
         self.total, self.writer, self.enabled = total, writer, enabled
-        self.interactive = (sys.stdout.isatty() and sys.stderr.isatty()) if interactive is None else interactive
+        self.interactive = on_terminal() if interactive is None else interactive
         self._t0 = self._last_time = time.monotonic()
         self._last_step = start
         self._bar = None
         if not enabled:
             return
         if self.interactive:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
             _OPEN.append(self)
         else:
@@ -113,12 +122,11 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", ex_s=f"{metrics['examples_per_sec']:.0f}")
+            figures = {"loss": f"{metrics['loss']:.4f}", "examples/s": f"{metrics['examples_per_sec']:.0f}"}
+            self._bar.set_postfix(figures)
             self._bar.update(step - self._bar.n)
             return
         eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else 0.0
-        from tqdm import tqdm
-
         print(
             f"step {step}/{self.total}  loss {metrics['loss']:.4f}  temperature {metrics['temperature']:.2f}  "
             f"{metrics['examples_per_sec']:,.0f} examples/s  ETA {tqdm.format_interval(eta)}",
@@ -147,5 +155,5 @@ class Progress:
 
 def close_all() -> None:
     """Close any progress bar still drawn (a run stopped by an error), so the next line starts on its own line."""
-    for progress in list(_OPEN):
-        progress.close()
+    while _OPEN:
+        _OPEN[-1].close()  # removes itself

@@ -333,7 +333,8 @@ def _loop(cfg, state, step_fn, start, end, mesh, writer, ckpt, data_it, graphdef
         if preempted:
             break
         if evaluate.enabled(cfg) and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.total_steps:
-            writer.write_scalars(step, progress.evaluated(step, evaluate.run(cfg, state["params"], graphdef, mesh)))
+            evals = evaluate.run(cfg, state["params"], graphdef, mesh)
+            writer.write_scalars(step, progress.evaluated(step, evals))
     progress.close()
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
     result.update(history[-1] if history else {})
