@@ -20,8 +20,10 @@ _OPEN = []  # Progress objects with a bar on the terminal (closed by close_all b
 # clip_jax decodes images with Pillow on purpose (input/decode.py; tests/test_image_fidelity.py holds it to Pillow).
 ADVICE = ("OpenCV is not installed. We recommend using OpenCV",)
 
-# Metrics shown in the one line per periodic evaluation (by the last part of their name; all if none match).
-HEADLINE = ("top1", "top5", "mean_per_class", "i2t_r1", "t2i_r1", "probe_top1", "perplexity", "cider")
+# Metrics shown in the one line per periodic evaluation (by the last part of their name; all if none match), and
+# those among them that are percentages (the evaluators report accuracy and recall in %).
+HEADLINE = ("top1", "top5", "mean_per_class", "i2t_r1", "t2i_r1", "perplexity", "cider")
+PERCENT = ("top1", "top5", "mean_per_class", "i2t_r1", "t2i_r1")
 
 
 def setup(verbose: bool) -> None:
@@ -67,15 +69,17 @@ class _DropAdvice(logging.Filter):
 
 
 def format_eval(step: int, metrics: dict) -> str:
-    """One line for a periodic evaluation: 'eval at step 500: zeroshot top1 41.9, top5 80.1 | retrieval ...'.
+    """One line for a periodic evaluation: 'eval at step 500: zeroshot top1 41.9%, top5 80.0% | retrieval ...'.
 
-    metrics: flat {'<section>/<name>': float} as the evaluators return them (percentages stay as they are).
-    Only the HEADLINE names are shown when there are any; TensorBoard gets every metric."""
+    metrics: flat {'<section>/<name>': float} as the evaluators return them. Only the HEADLINE names are shown
+    when there are any (TensorBoard gets every metric); PERCENT ones with one decimal and '%', others with 4
+    significant digits."""
     shown = {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] in HEADLINE} or metrics
     sections: dict[str, list[str]] = {}
     for key, value in shown.items():
         section, _, name = key.rpartition("/")
-        sections.setdefault(section, []).append(f"{name} {value:.4g}")
+        shown_value = f"{value:.1f}%" if name in PERCENT else f"{value:.4g}"
+        sections.setdefault(section, []).append(f"{name} {shown_value}")
     parts = [f"{section} {', '.join(items)}".strip() for section, items in sections.items()]
     return f"eval at step {step}: " + " | ".join(parts)
 
