@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.1",  # tokenizer.kind='sentencepiece'
     "ftfy==6.3.1",  # CLIP BPE text cleaning: OpenAI's and open_clip's tokenizers run ftfy.fix_text before BPE
     "regex==2026.11.19",  # CLIP BPE pre-tokenizer: the references' pattern engine and Unicode tables
+    "tqdm==4.70.1",  # the training progress bar on a terminal (clip_jax/console.py)
 ]
 
 setup(

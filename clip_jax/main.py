@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clip_jax import cli_checks, config_checks
+from clip_jax import cli_checks, config_checks, console
 from clip_jax import config as config_lib
 
 if __name__ == "__main__":
@@ -52,6 +52,7 @@ _IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comm
 _DATASETS = flags.DEFINE_string("datasets", "", "benchmark: zero-shot sets, comma-separated, name[@split].")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "benchmark: tfds data_dir (default: the checkpoint's data.data_dir).")
 _OUT = flags.DEFINE_string("out", "", "benchmark: folder for the CSV and markdown table (default: WORKDIR/eval).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (orbax, tfds, absl, jax, TF C++).")
 MODES = ("train", "eval", "convert", "caption", "benchmark")
 
 
@@ -134,6 +135,7 @@ def main(argv):
         raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
     if _CHECKPOINT.value and argv[1] not in ("eval", "benchmark"):
         raise app.UsageError("--checkpoint is for `eval` and `benchmark`; `train` resumes from --workdir")
+    console.setup(_VERBOSE.value)  # before jax starts its backends: their INFO lines are library chatter
     import jax
 
     if _DISTRIBUTED.value:
@@ -166,6 +168,7 @@ def main(argv):
         else:
             result = evaluate_checkpoint(cfg, _WORKDIR.value or "", checkpoint=_CHECKPOINT.value)
     except train.USER_ERRORS as e:
+        console.close_all()  # a progress bar on the terminal ends its line first
         print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointWriteError):
             # A failed orbax save leaves non-daemon threads waiting (up to its 20-minute timeout) for a signal

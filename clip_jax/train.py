@@ -16,7 +16,7 @@ import optax
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import config_checks, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, warm_start
 from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import pipeline, preflight
 from clip_jax.models.families import FAMILIES
@@ -314,9 +314,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
 
 def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
     """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
-    from clu import periodic_actions
-
-    progress = periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)
+    progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
     averager, history, skipped, t0 = MetricAverager(), [], [], time.perf_counter()
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
@@ -327,10 +325,11 @@ def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, pree
         averager.add(metrics, cfg.batch_size, step)
         if on_cpu:  # XLA:CPU can stall on hundreds of queued collective steps; accelerators run ahead freely
             jax.block_until_ready(metrics["loss"])
-        progress(step)
+        progress.step(step)
         preempted = preemption.requested() and step < end
         if step % cfg.log_every == 0 or step == end or preempted:
             history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt, skipped)})
+            progress.log(step, history[-1])
             t0 = time.perf_counter()
         if step == end or preempted or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
@@ -338,7 +337,8 @@ def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, pree
             break
         due = evals.due(step)
         if due:
-            writer.write_scalars(step, evals.run(state["params"], graphdef, due))
+            writer.write_scalars(step, progress.evaluated(step, evals.run(state["params"], graphdef, due)))
+    progress.close()
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)

@@ -43,7 +43,7 @@ TINY = {  # the smallest model the code supports: each run is mostly import + co
     "ckpt_every": EVERY,
     "log_every": 1,  # a log line per step: the tests see which step a run has reached
 }
-STEP_LINE = re.compile(r"logging_writer\.py:\d+\] \[(\d+)\] .*\bloss=")
+STEP_LINE = re.compile(r"^step (\d+)/\d+  loss ", re.MULTILINE)  # the console's metrics line (clip_jax/console.py)
 TIMEOUT = 240  # seconds for any one subprocess run (a normal one takes ~20 s on 2 busy cores)
 
 
