@@ -154,11 +154,12 @@ def test_no_usable_spiece_leaves_the_tokenizer_unset(siglip_dir, tmp_path):
 
 
 def test_coca_refuses_a_tokenizer_without_a_start_id(siglip_dir):
-    from clip_jax import config
+    from clip_jax import config, config_checks
 
     path, _ = siglip_dir
     cfg = config.base()
     cfg.model.family, cfg.tokenizer.kind = "coca", "siglip_sentencepiece"
     cfg.tokenizer.path, cfg.model.text.pad_id = os.path.join(path, "spiece.model"), 1
-    with pytest.raises(ValueError, match="start token"):
-        tokenizer.make(cfg)
+    cfg.model.text.eos_id, cfg.model.text.vocab_size = 1, 280  # fits the text tower: only the start id is missing
+    with pytest.raises(config.ConfigError, match="model.family='coca' decodes from a start token, and the "):
+        config_checks._check_tokenizer(cfg)  # validate()'s tokenizer step: the family table says coca captions
