@@ -104,14 +104,14 @@ def test_benchmark_command_writes_the_table(model, tmp_path):
     ckpt.close()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "clip_jax.main", "benchmark", f"--checkpoint={workdir}",
-           "--datasets=clip_shapes/small,clip_shapes/small@train"]  # fmt: skip
+           "--datasets=clip_shapes/small,clip_digits@test"]  # fmt: skip (clip_digits is built on first use)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "eval", "zeroshot_step7.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(r["dataset"], r["split"], r["classes"], r["examples"]) for r in rows] == [
         ("clip_shapes/small", "test", "40", "400"),
-        ("clip_shapes/small", "train", "40", "4000"),
+        ("clip_digits", "test", "10", "359"),
     ]
     with open(os.path.join(workdir, "eval", "zeroshot_step7.md")) as f:
         table = f.read()
@@ -128,6 +128,8 @@ def test_benchmark_dataset_list():
     assert benchmark.parse_datasets("a,b@validation") == [("a", "test"), ("b", "validation")]
     with pytest.raises(config_lib.ConfigError, match="empty name"):
         benchmark.parse_datasets("a,,b")
+    with pytest.raises(config_lib.ConfigError, match="lists a@test twice"):
+        benchmark.parse_datasets("a,b,a@test")
     rows = [{"dataset": d, "split": "test", "classes": 2, "examples": 4, "top1": t, "top5": 100.0,
              "mean_per_class": t} for d, t in (("a", 50.0), ("b", 25.0))]  # fmt: skip
     assert "| mean of 2 |  |  |  | 37.50 | 100.00 | 37.50 |" in benchmark.markdown(rows, "x")

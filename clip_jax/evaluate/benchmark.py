@@ -25,27 +25,31 @@ COLUMNS = ("dataset", "split", "classes", "examples", "top1", "top5", "mean_per_
 
 
 def parse_datasets(text: str, default_split: str = "test") -> list[tuple[str, str]]:
-    """'a,b@validation' -> [('a', 'test'), ('b', 'validation')]. Raises ConfigError on an empty list or name."""
+    """'a,b@validation' -> [('a', 'test'), ('b', 'validation')]. Raises ConfigError on an empty list or name, or a
+    (dataset, split) listed twice."""
     out = []
     for item in text.split(","):
         name, _, split = item.strip().partition("@")
         if not name:
             raise config_lib.ConfigError(f"--datasets={text!r} has an empty name; use e.g. clip_shapes,clip_digits")
+        if (name, split or default_split) in out:
+            raise config_lib.ConfigError(f"--datasets={text!r} lists {name}@{split or default_split} twice")
         out.append((name, split or default_split))
     return out
 
 
 def benchmark_config(cfg, datasets, *, batch_size: int, max_examples: int):
-    """cfg with one zeroshot section per dataset (named after it) and no other evaluator."""
+    """(cfg with one zeroshot section per dataset and no other evaluator, the section names in `datasets` order)."""
     cfg = config_lib.from_dict(cfg.to_dict())
     for name in list(cfg.evals):
         del cfg.evals[name]
+    names = []
     for dataset, split in datasets:
-        name = re.sub(r"\W+", "_", f"{dataset}_{split}").strip("_")
-        cfg.evals[name] = config_lib.evaluator(
+        names.append(re.sub(r"\W+", "_", f"{dataset}_{split}").strip("_"))
+        cfg.evals[names[-1]] = config_lib.evaluator(
             "zeroshot", dataset=dataset, split=split, batch_size=batch_size, max_examples=max_examples
         )
-    return cfg
+    return cfg, names
 
 
 def run(checkpoint: str, datasets, *, data_dir: str = "", batch_size: int = 256, max_examples: int = -1,
@@ -63,7 +67,7 @@ def run(checkpoint: str, datasets, *, data_dir: str = "", batch_size: int = 256,
     if data_dir:
         saved.data.data_dir = data_dir
     n = jax.device_count()
-    cfg = benchmark_config(saved, datasets, batch_size=-(-batch_size // n) * n, max_examples=max_examples)
+    cfg, names = benchmark_config(saved, datasets, batch_size=-(-batch_size // n) * n, max_examples=max_examples)
     # Evaluation needs no particular layout: keep the run's FSDP size where it fits these devices.
     cfg.mesh.data, cfg.mesh.fsdp = -1, cfg.mesh.fsdp if cfg.mesh.fsdp > 0 and n % cfg.mesh.fsdp == 0 else 1
     config_checks.validate(cfg, n)
@@ -73,8 +77,8 @@ def run(checkpoint: str, datasets, *, data_dir: str = "", batch_size: int = 256,
     _, params, graphdef, _ = run_state.restore_params(cfg, workdir, step=step, mesh=mesh)
     metrics = evals.run(params, graphdef)
     rows = []
-    for name, section in cfg.evals.items():
-        m = suite.section(metrics, name)
+    for name in names:  # the order the user listed them in
+        section, m = cfg.evals[name], suite.section(metrics, name)
         rows.append({
             "dataset": section.dataset, "split": section.split, "classes": m["num_classes"],
             "examples": m["examples"], "top1": m["top1"], "top5": m["top5"], "mean_per_class": m["mean_per_class"],
