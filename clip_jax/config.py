@@ -211,7 +211,12 @@ def evaluator(kind: str, **values) -> ml_collections.ConfigDict:
     for key, value in values.items():
         if key not in vocabulary or key == "type":
             raise ConfigError(f"evaluator type {kind!r} has no key {key!r}{_closest(key, vocabulary)}")
-        section[key] = value
+        try:
+            section[key] = value
+        except TypeError:
+            raise ConfigError(
+                f"evaluator type {kind!r}: {key}={value!r} must be {type(vocabulary[key]).__name__}"
+            ) from None
     section.lock()
     return section
 
@@ -224,8 +229,8 @@ def _section_vocabulary(kind: str, where: str) -> dict:
     return sections.TYPES[kind]
 
 
-def _closest(key, known) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
+def _closest(key, known, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -255,6 +260,14 @@ def check_keys(cfg) -> None:
     """Every key of cfg must exist in base() (or its evaluator type's vocabulary) with a value of the same type."""
     known = known_keys(cfg)
     for key, value in _flatten(cfg).items():
+        if key not in known and key.startswith("evals."):  # name the section's type: its keys decide
+            section = key.rsplit(".", 1)[0]
+            kind = cfg.evals[section.split(".")[1]].type
+            keys = sorted(k.rsplit(".", 1)[1] for k in known if k.startswith(section + "."))
+            hint = _closest(key, [f"{section}.{k}" for k in keys], cutoff=0.8)
+            raise ConfigError(
+                f"unknown config key '{key}'{hint} ({section} is a {kind!r} evaluator; its keys: {', '.join(keys)})"
+            )
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
         ref = known[key]

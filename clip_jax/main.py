@@ -1,5 +1,6 @@
-"""Command line: `python -m clip_jax.main {train,eval} --config=configs/X.py[:arg] --workdir=DIR --config.key=value`,
-and `convert --from hf --model-dir DIR --workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
+"""Command line: `python -m clip_jax.main {train,eval,caption} --config=configs/X.py[:arg] --workdir=DIR
+--config.key=value`, `benchmark --checkpoint=DIR --datasets=a,b@split`, and `convert --from hf --model-dir DIR
+--workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
 
 `eval` runs the configured evaluators (the evals.<name> sections) on the latest checkpoint of --workdir (or on
 --checkpoint) and writes DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval. `benchmark
@@ -33,7 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and TensorBoard events go.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "eval: a checkpoint to evaluate (a workdir, its checkpoints/ or a step folder in it)."
+    "checkpoint", "", "eval, benchmark: the checkpoint (a workdir, its checkpoints/ or a step folder in it)."
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
@@ -128,13 +129,19 @@ _SECTION_LINES = {
 }
 
 
+def _usage_error(message: str):
+    """A command-line mistake: one `error:` line and exit status 2 (absl's UsageError would print every flag)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
-        raise app.UsageError(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
+        _usage_error(f"usage: python -m clip_jax.main {{{'|'.join(MODES)}}} --config=... --workdir=DIR")
     if not _WORKDIR.value and not (argv[1] in ("eval", "benchmark") and _CHECKPOINT.value):
-        raise app.UsageError("--workdir is required (checkpoints and logs go there; re-running resumes)")
+        _usage_error("--workdir is required (checkpoints and logs go there; re-running resumes)")
     if _CHECKPOINT.value and argv[1] not in ("eval", "benchmark"):
-        raise app.UsageError("--checkpoint is for `eval` and `benchmark`; `train` resumes from --workdir")
+        _usage_error("--checkpoint is for `eval` and `benchmark`; `train` resumes from --workdir")
     console.setup(_VERBOSE.value)  # before jax starts its backends: their INFO lines are library chatter
     import jax
 
@@ -161,7 +168,7 @@ def main(argv):
             from clip_jax.evaluate import captioning
 
             if not _IMAGES.value:
-                raise app.UsageError("caption needs --images=a.png,b.jpg")
+                _usage_error("caption needs --images=a.png,b.jpg")
             result = captioning.caption_files(cfg, _WORKDIR.value, _IMAGES.value)
         elif argv[1] == "train":
             result = train.run(cfg, _WORKDIR.value)
@@ -194,7 +201,12 @@ def benchmark():
     from clip_jax.evaluate import benchmark as benchmark_lib
 
     if not _DATASETS.value or not (_CHECKPOINT.value or _WORKDIR.value):
-        raise app.UsageError("benchmark needs --checkpoint (or --workdir) and --datasets=name[@split],...")
+        _usage_error("benchmark needs --checkpoint (or --workdir) and --datasets=name[@split],...")
+    if any(arg.startswith("--config") for arg in sys.argv[1:]):
+        _usage_error(
+            "benchmark takes the model, tokenizer and preprocessing from the checkpoint's saved config, so --config "
+            "flags do not apply; --data_dir names the datasets' folder"
+        )
     try:
         datasets = benchmark_lib.parse_datasets(_DATASETS.value)
         result = benchmark_lib.run(
@@ -214,7 +226,7 @@ def convert():
     from clip_jax.convert import files, hf
 
     if (_FROM.value is None) == (_TO.value is None) or not _MODEL_DIR.value:
-        raise app.UsageError("convert needs --model-dir and exactly one of --from=hf or --to=hf")
+        _usage_error("convert needs --model-dir and exactly one of --from=hf or --to=hf")
     try:
         if _FROM.value:
             cfg, params = files.import_model(_MODEL_DIR.value)

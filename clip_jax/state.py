@@ -119,16 +119,15 @@ def restore_params(cfg, checkpoint: str, *, step: int | None = None, mesh=None):
 
     workdir, named = resolve_checkpoint(checkpoint)
     step = named if step is None else step
+    directory = os.path.join(workdir, "checkpoints")
+    steps = _steps(directory)  # before the Checkpointer, which would create the folder
+    if not steps or (step is not None and step not in steps):
+        what = f"no checkpoint at step {step}" if steps else "no checkpoint"
+        raise TrainingError(f"{what} in {directory}" + (f"; it has steps {steps}" if steps else "; train first"))
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
     graphdef, abstract, shardings = state_shardings(cfg, mesh, optim.make(cfg))
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)
     try:
-        steps = ckpt.manager.all_steps()
-        if not steps or (step is not None and step not in steps):
-            what = f"no checkpoint at step {step}" if steps else "no checkpoint"
-            raise TrainingError(
-                f"{what} in {ckpt.directory}" + (f"; it has steps {sorted(steps)}" if steps else "; train first")
-            )
         step, state, _ = ckpt.restore(abstract, shardings, cfg, step=step)
     finally:
         ckpt.close()

@@ -302,7 +302,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
             f"preempted ({preemption.received}) at step {result['step']}; checkpoint saved in {ckpt.directory}; "
             "re-run the same command to resume"
         )
-        logging.warning("%s", result["message"])
+        logging.info("%s", result["message"])  # the CLI prints it; Preemption logged the signal
     elif evals and result["step"] == cfg.total_steps:
         result["eval"] = evals.run(state["params"], graphdef)
         result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}

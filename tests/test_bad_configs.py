@@ -103,6 +103,10 @@ BROKEN = [  # (overrides, what the one-line error must say)
     ([("evals.zeroshot.max_examples", 0)], r"'evals.zeroshot.max_examples' is 0; use a positive number or -1"),
     ([("evals.zeroshot.type", "zero_shot")], r"evals.zeroshot.type: unknown evaluator type 'zero_shot'"),
     ([("evals.zeroshot.datset", "x")], r"unknown config key 'evals.zeroshot.datset'; did you mean 'evals.zeroshot.dataset'"),
+    (
+        [("evals.zeroshot.type", "retrieval")],
+        r"unknown config key 'evals.zeroshot.class_names' \(evals.zeroshot is a 'retrieval' evaluator; its keys: ",
+    ),
     ([("caption.length_penalty", -1.0)], r"'caption.length_penalty' must be >= 0"),
 ]
 

@@ -189,7 +189,17 @@ def _data_cfg(data_dir, **overrides):
         ({"data.text_key": "words"}, "clip_shapes/small has no feature data.text_key='words'"),
         ({"evals.zeroshot.dataset": "no_such_set"}, "evals.zeroshot: cannot find tfds dataset 'no_such_set'"),
         ({"evals.zeroshot.split": "dev"}, "evals.zeroshot: cannot read 'clip_shapes/small' split 'dev'"),
-        ({"evals.zeroshot.label_key": "class"}, "evals.zeroshot.label_key='class': clip_shapes/small has no such"),
+        ({"evals.zeroshot.label_key": "class"}, "evals.zeroshot.label_key='class': clip_shapes/small (split 'test') has"),
+        ({"evals.zeroshot.image_key": "img"}, "evals.zeroshot.image_key='img': clip_shapes/small (split 'test') has no"),
+        ({"evals.zeroshot.image_key": "label"}, "evals.zeroshot.image_key='label': the first record of clip_shapes"),
+        (
+            {"evals.coco": {"type": "retrieval", "dataset": "clip_shapes_captions/small", "text_key": "image"}},
+            "evals.coco.text_key='image': clip_shapes_captions/small (split 'test') holds no text there",
+        ),
+        (
+            {"evals.probe": {"type": "probe", "dataset": "clip_shapes/small", "label_key": "caption"}},
+            "evals.probe.label_key='caption' of clip_shapes/small is not a ClassLabel feature",
+        ),
         (
             {"evals.zeroshot.class_names": "cifar10"},
             "evals.zeroshot.class_names: 'cifar10' lists 10 classes but clip_shapes/small has 40",
@@ -197,14 +207,11 @@ def _data_cfg(data_dir, **overrides):
         ({"evals.zeroshot.templates": "clip_digits"}, "evals.zeroshot.templates='clip_digits' are that dataset's"),
         (
             {"evals.coco": {"type": "retrieval", "dataset": "clip_shapes_captions/small", "text_key": "caption"}},
-            (
-                "evals.coco (dataset 'clip_shapes_captions/small', split 'test') has no feature "
-                "evals.coco.text_key='caption'"
-            ),
+            "evals.coco.text_key='caption': clip_shapes_captions/small (split 'test') has no such feature",
         ),
         (
             {"evals.probe": {"type": "probe", "dataset": "clip_shapes/small", "label_key": "y"}},
-            "has no feature evals.probe.label_key='y'",
+            "evals.probe.label_key='y': clip_shapes/small (split 'train') has no such feature",
         ),
     ],
 )

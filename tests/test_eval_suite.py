@@ -14,6 +14,7 @@ from clip_jax import checkpoint, optim, sharding
 from clip_jax import config as config_lib
 from clip_jax import state as run_state
 from clip_jax.evaluate import benchmark, suite
+from clip_jax.input import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -94,14 +95,22 @@ def test_sections_run_at_their_own_cadence(shapes_data_dir):
     assert all("final" not in names for names in due.values())
 
 
-def test_benchmark_command_writes_the_table(model, tmp_path):
-    """Two zero-shot sets, one command: the CSV and markdown name each set with its class and example counts,
-    and the accuracies are those of the same evaluator run on the same parameters."""
-    cfg, mesh, graphdef, state = model
-    workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def saved_run(model, tmp_path_factory):
+    """The tiny model saved at step 7, as a trained run would be."""
+    cfg, _, _, state = model
+    workdir = str(tmp_path_factory.mktemp("run"))
     ckpt = checkpoint.Checkpointer(workdir, cfg)
     ckpt.save(7, state, {}, cfg, force=True)
     ckpt.close()
+    return workdir
+
+
+def test_benchmark_command_writes_the_table(model, saved_run):
+    """Two zero-shot sets, one command: the CSV and markdown name each set with its class and example counts,
+    and the accuracies are those of the same evaluator run on the same parameters."""
+    cfg, mesh, graphdef, state = model
+    workdir = saved_run
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "clip_jax.main", "benchmark", f"--checkpoint={workdir}",
            "--datasets=clip_shapes/small,clip_digits@test"]  # fmt: skip (clip_digits is built on first use)
@@ -122,6 +131,24 @@ def test_benchmark_command_writes_the_table(model, tmp_path):
     want = suite.Suite(one, mesh).run(state["params"], graphdef)
     for key in ("top1", "top5", "mean_per_class"):
         assert float(rows[0][key]) == pytest.approx(want[f"zeroshot/{key}"], abs=1e-4)
+
+
+def test_bad_benchmark_datasets_are_named_as_the_user_wrote_them(saved_run):
+    with pytest.raises(pipeline.DataError, match=r"^--datasets no_such_set@test: cannot find tfds dataset 'no_such"):
+        benchmark.run(saved_run, [("clip_shapes/small", "test"), ("no_such_set", "test")])
+    with pytest.raises(pipeline.DataError, match=r"^--datasets clip_shapes/small@dev: cannot read 'clip_shapes/small' "):
+        benchmark.run(saved_run, [("clip_shapes/small", "dev")])
+
+
+def test_a_missing_checkpoint_is_one_error_and_creates_nothing(model, saved_run, tmp_path):
+    cfg = model[0]
+    with pytest.raises(run_state.TrainingError, match=r"^no checkpoint in .*/nothing_here/checkpoints; train first$"):
+        run_state.restore_params(cfg, str(tmp_path / "nothing_here"))
+    assert not (tmp_path / "nothing_here").exists()  # orbax would have created it (and raced its threads at exit)
+    with pytest.raises(run_state.TrainingError, match=r"no checkpoint at step 3 in .*; it has steps \[7\]$"):
+        run_state.restore_params(cfg, saved_run, step=3)
+    with pytest.raises(run_state.TrainingError, match=r"no checkpoint at step 3 in .*; it has steps \[7\]$"):
+        run_state.load_config(f"{saved_run}/checkpoints/3")
 
 
 def test_benchmark_dataset_list():

@@ -20,6 +20,7 @@ from clip_jax import config as config_lib
 from clip_jax import sharding
 from clip_jax import state as run_state
 from clip_jax.evaluate import suite
+from clip_jax.input import pipeline
 
 COLUMNS = ("dataset", "split", "classes", "examples", "top1", "top5", "mean_per_class")
 
@@ -72,7 +73,15 @@ def run(checkpoint: str, datasets, *, data_dir: str = "", batch_size: int = 256,
     cfg.mesh.data, cfg.mesh.fsdp = -1, cfg.mesh.fsdp if cfg.mesh.fsdp > 0 and n % cfg.mesh.fsdp == 0 else 1
     config_checks.validate(cfg, n)
     mesh = sharding.make_mesh(cfg)
-    evals = suite.Suite(cfg, mesh)
+    try:
+        evals = suite.Suite(cfg, mesh)
+    except (pipeline.DataError, config_lib.ConfigError) as e:  # name the dataset as the user wrote it
+        text = str(e)
+        for name, (dataset, split) in zip(names, datasets, strict=True):
+            text = text.replace(f"evals.{name}.", f"--datasets {dataset}@{split}: ").replace(
+                f"evals.{name}", f"--datasets {dataset}@{split}"
+            )
+        raise type(e)(text.replace("point --config.data.data_dir at", "point --data_dir at")) from None
     workdir, _ = run_state.resolve_checkpoint(checkpoint)
     _, params, graphdef, _ = run_state.restore_params(cfg, workdir, step=step, mesh=mesh)
     metrics = evals.run(params, graphdef)

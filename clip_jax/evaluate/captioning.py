@@ -183,6 +183,7 @@ class Captioning(common.Evaluator):
                 f"{self.key} is a captioning evaluator but model.family={cfg.model.family!r} does not caption; set "
                 f"--config.{self.key}.dataset='' or train a family that captions ({', '.join(captioning_families())})"
             )
+        eval_data.check_section(cfg, section, self.key, text_key="text_key")
         _, self.refs = load_examples(
             cfg, section.dataset, section.split, section.max_examples, text_key=section.text_key, with_images=False
         )

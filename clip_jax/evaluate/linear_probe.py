@@ -9,7 +9,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import common
-from clip_jax.input import eval_data, pipeline, preflight
+from clip_jax.input import eval_data
 
 
 def embed_split(cfg, section, split: str, mesh, encode_image) -> tuple[np.ndarray, np.ndarray]:
@@ -52,10 +52,7 @@ class LinearProbe(common.Evaluator):
     def __init__(self, name, section, cfg, mesh):
         super().__init__(name, section, cfg, mesh)
         for split in (section.train_split, section.split):
-            source = pipeline.open_source(section.dataset, split, cfg.data.data_dir)
-            where = f"{self.key} (dataset {section.dataset!r}, split '{split}')"
-            features = [(f"{self.key}.{k}", section[k]) for k in ("image_key", "label_key")]
-            preflight.check_features(source, where, features)
+            eval_data.check_section(cfg, section, self.key, split=split, label=True)
 
     def run(self, params, encoders, graphdef=None) -> dict:
         """-> top1, mean_per_class (%), train_examples, examples."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.evaluate import blockwise, common
-from clip_jax.input import decode, eval_data, pipeline, preflight
+from clip_jax.input import decode, eval_data, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,8 @@ class Retrieval(common.Evaluator):
 
     def __init__(self, name, section, cfg, mesh):
         super().__init__(name, section, cfg, mesh)
+        eval_data.check_section(cfg, section, self.key, text_key="text_key")
         source = pipeline.open_source(section.dataset, section.split, cfg.data.data_dir)
-        where = f"{self.key} (dataset {section.dataset!r}, split '{section.split}')"
-        features = [(f"{self.key}.{k}", section[k]) for k in ("image_key", "text_key")]
-        preflight.check_features(source, where, features)
         self.read = len(source) if section.max_examples < 0 else min(len(source), section.max_examples)
         self.tokenizer = tokenizer_lib.make(cfg)
 

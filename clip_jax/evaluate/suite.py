@@ -44,8 +44,9 @@ class Suite:
         for name, section in active(cfg).items():
             try:
                 self.evaluators[name] = TYPES[section.type](name, section, cfg, mesh)
-            except pipeline.DataError as e:
-                raise pipeline.DataError(f"evals.{name}: {e}") from None
+            except pipeline.DataError as e:  # name the section, once
+                text = str(e) if str(e).startswith(f"evals.{name}") else f"evals.{name}: {e}"
+                raise pipeline.DataError(text) from None
 
     def __bool__(self) -> bool:
         return bool(self.evaluators)

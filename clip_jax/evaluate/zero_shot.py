@@ -99,6 +99,7 @@ class ZeroShot(common.Evaluator):
 
     def __init__(self, name, section, cfg, mesh):
         super().__init__(name, section, cfg, mesh)
+        eval_data.check_section(cfg, section, self.key, label=True)
         label_names = eval_data.class_names(section, cfg.data.data_dir, self.key)
         templates = section.templates or templates_lib.default_templates(section.dataset)
         try:

@@ -8,8 +8,8 @@ import logging
 import jax
 import numpy as np
 
-from clip_jax.input import decode, ops
-from clip_jax.input.pipeline import DataError, open_source
+from clip_jax.input import decode, ops, pipeline
+from clip_jax.input.pipeline import DataError
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def class_names(section, data_dir: str, where: str = "evals") -> list[str]:
     """Class names of a labelled evaluation set (an `evals.<name>` section: dataset, split, label_key), from its
     ClassLabel feature. Raises DataError naming `where` (the section's config key) when there is none."""
-    source = open_source(section.dataset, section.split, data_dir)
+    source = pipeline.open_source(section.dataset, section.split, data_dir)
     features = source.dataset_info.features
     if section.label_key not in features:
         raise DataError(
@@ -28,6 +28,44 @@ def class_names(section, data_dir: str, where: str = "evals") -> list[str]:
     if not hasattr(feature, "names"):
         raise DataError(f"{where}.label_key={section.label_key!r} of {section.dataset} is not a ClassLabel feature")
     return list(feature.names)
+
+
+def check_section(cfg, section, where: str, *, split: str | None = None, label: bool = False,
+                  text_key: str = "") -> None:  # fmt: skip
+    """Before an evaluator runs: its split opens, and its first record has a decodable image under image_key, a
+    label under label_key that is a ClassLabel (`label`), and text under `text_key` (one caption or several).
+    Raises DataError naming the section key (`where`.<key>) and what the feature holds instead."""
+    source = pipeline.open_source(section.dataset, split or section.split, cfg.data.data_dir)
+    record = source[0] if len(source) else None
+    if not isinstance(record, dict):
+        return  # an empty split: the evaluator says so
+    name = f"{section.dataset} (split '{split or section.split}')"
+
+    def value_of(key):
+        value = pipeline.field(record, section[key])
+        if value is None:
+            raise DataError(f"{where}.{key}={section[key]!r}: {name} has no such feature; its features are "
+                            f"{sorted(record)}")  # fmt: skip
+        return value
+
+    image, bits = eval_image(cfg, value_of("image_key"))
+    if image is None:
+        raise DataError(
+            f"{where}.image_key={section.image_key!r}: the first record of {name} holds no image there "
+            f"({', '.join(decode.issue_names(bits))}); its features are {sorted(record)}"
+        )
+    if label:
+        value_of("label_key")
+        class_names(section, cfg.data.data_dir, where)  # the label must be a ClassLabel
+    if text_key:
+        value = value_of(text_key)
+        value = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+        items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) else [value]
+        if not all(isinstance(v, (str, bytes)) for v in items):
+            raise DataError(
+                f"{where}.{text_key}={section[text_key]!r}: {name} holds no text there (a {type(value).__name__}); "
+                f"its features are {sorted(record)}"
+            )
 
 
 def load_image(image, size: int) -> np.ndarray:
@@ -61,7 +99,7 @@ def eval_batches(cfg, section, *, split: str | None = None, num_devices: int):
     pc, pi, batch_size = jax.process_count(), jax.process_index(), section.batch_size
     if batch_size % num_devices:
         raise ValueError(f"batch_size={batch_size} of {section.dataset} must divide over the {num_devices} devices")
-    source = open_source(section.dataset, split or section.split, cfg.data.data_dir)
+    source = pipeline.open_source(section.dataset, split or section.split, cfg.data.data_dir)
     total = len(source) if section.max_examples < 0 else min(len(source), section.max_examples)
     local, size = batch_size // pc, cfg.model.image.image_size
     for start in range(0, total, batch_size):

@@ -51,7 +51,8 @@ def open_source(name: str, split: str, data_dir: str):
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()
     except Exception as e:  # noqa: BLE001  unknown name and not a prepared folder either
-        raise DataError(f"cannot find tfds dataset '{name}' in {data_dir} ({_one_line(e)}); {how}") from None
+        reason = _one_line(e).split(" Available datasets")[0]  # tfds lists its whole catalogue after this
+        raise DataError(f"cannot find tfds dataset '{name}' in {data_dir} ({reason}); {how}") from None
     if not prepared:
         raise DataError(f"tfds dataset '{name}' is not prepared in {data_dir}; {how}")
     # Public sets' images stay encoded: tfds' own decoding ignores EXIF orientation and transparency, decode.image
