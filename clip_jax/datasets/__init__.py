@@ -17,7 +17,9 @@ Nothing here reaches the network: builders are constructed from their classes
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import os
 
 import tensorflow_datasets as tfds
@@ -95,8 +97,7 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | tfds.core.Buil
         try_download_gcs=False,
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
     )
-    result.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
-    return result
+    return _generate(result, name, data_dir, download_config)
 
 
 def data_source(
@@ -130,6 +131,18 @@ def encoded_images(features: tfds.features.FeaturesDict) -> dict | None:
     return out or None
 
 
+def _generate(builder, name: str, data_dir, download_config):
+    """builder.download_and_prepare() unless already prepared, announced in one line of our own: tfds' banner
+    ("Downloading and preparing dataset Unknown size (download: ...)") would mislead, as the embedded sets and local
+    corpora are generated on this machine."""
+    if builder.is_prepared():
+        return builder
+    print(f"preparing dataset {name} in {data_dir} (once; later runs reuse it)", flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+    return builder
+
+
 def prepare_local(kind: str, source: str, name: str, data_dir: str | os.PathLike):
     """Prepares a local corpus (kind: 'image_text_folder' or 'webdataset'; source: its folder or shard glob) as
     `<data_dir>/<kind>/<name>`, read afterwards as data.name='<kind>/<name>'. Idempotent like `prepare`."""
@@ -141,8 +154,7 @@ def prepare_local(kind: str, source: str, name: str, data_dir: str | os.PathLike
     download_config = tfds.download.DownloadConfig(
         try_download_gcs=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
-    result.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
-    return result
+    return _generate(result, f"{kind}/{name}", data_dir, download_config)
 
 
 def local_source(kind: str, name: str, split: str, data_dir: str | os.PathLike):
