@@ -212,11 +212,10 @@ def _check_model(cfg) -> None:
         )
     dims = {"image": _dims(cfg, "image"), "text": _dims(cfg, "text")}
     patch = dims["image"]["patch_size"]
-    if image.image_size % patch:
-        fit = max(patch, image.image_size // patch * patch)
+    if image.image_size < patch:  # a size that is not a multiple leaves its last pixels unseen (vit.py)
         raise ConfigError(
-            f"model.image.image_size={image.image_size} is not a multiple of the patch size {patch} "
-            f"(model.image.variant / model.image.patch_size); use e.g. {fit}"
+            f"model.image.image_size={image.image_size} is smaller than the patch size {patch} "
+            f"(model.image.variant / model.image.patch_size); use at least {patch}"
         )
     if image.posemb == "sincos2d" and dims["image"]["width"] % 4:  # layers.posemb_sincos_2d: 4 channel groups
         raise ConfigError(

@@ -37,19 +37,19 @@ def _perturb(model, seed):
     return model.eval()
 
 
-def _clip(eos_token_id, act="quick_gelu"):
+def _clip(eos_token_id, act="quick_gelu", image=IMAGE, patch=PATCH):
     text = {"vocab_size": VOCAB, "hidden_size": 32, "max_position_embeddings": MAX_LEN, "hidden_act": act, **TOWER}
     text.update(eos_token_id=eos_token_id, bos_token_id=VOCAB - 2, pad_token_id=1)
-    vision = {"hidden_size": 48, "image_size": IMAGE, "patch_size": PATCH, "hidden_act": act, **TOWER}
+    vision = {"hidden_size": 48, "image_size": image, "patch_size": patch, "hidden_act": act, **TOWER}
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
     torch.manual_seed(0)
     return _perturb(transformers.CLIPModel(config), 1)
 
 
-def _siglip():
+def _siglip(image=IMAGE, patch=PATCH):
     text = {"vocab_size": VOCAB, "hidden_size": 32, "max_position_embeddings": MAX_LEN, "projection_size": 48}
     text.update(eos_token_id=1, pad_token_id=1, bos_token_id=None, **TOWER)
-    vision = {"hidden_size": 48, "image_size": IMAGE, "patch_size": PATCH, **TOWER}
+    vision = {"hidden_size": 48, "image_size": image, "patch_size": patch, **TOWER}
     config = transformers.SiglipConfig(text_config=text, vision_config=vision)
     torch.manual_seed(0)
     return _perturb(transformers.SiglipModel(config), 2)
@@ -113,6 +113,30 @@ def test_import_matches_transformers(saved):
     assert max(diffs.values()) <= TOL, diffs
     # The pooled position matters: the rows' embeddings differ (no accidental pooling of one shared position).
     assert np.abs(np.asarray(out["txt"])[0] - np.asarray(out["txt"])[1]).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("image,patch", [(30, 4), (31, 8)])  # 7x7 patches of 30 px (2 unseen), 3x3 of 31 (7 unseen)
+def test_image_size_not_a_multiple_of_the_patch_matches_transformers(family, image, patch, tmp_path):
+    """As SigLIP so400m-patch14-384 (27 patches of 14 = 378 of 384 pixels): the reference's stride-p convolution
+    leaves the last rows and columns unseen; the import runs at the same size and sees exactly what it sees."""
+    model = _clip(2, image=image, patch=patch) if family == "clip" else _siglip(image=image, patch=patch)
+    model.save_pretrained(tmp_path)
+    cfg, params = files.import_model(str(tmp_path))
+    assert cfg.model.image.image_size == image and cfg.model.image.patch_size == patch
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(3, image, image, 3)).astype(np.float32)
+    _, tokens = _inputs(family)
+    ref = _hf_outputs(model, images, tokens[:3])["image_embeds"]
+    ours = _ours(cfg, params)
+    got = np.asarray(ours.encode_image(images))
+    assert np.abs(got - ref).max() <= 1e-5, np.abs(got - ref).max()
+    # The unseen pixels change nothing, for both (a model that resized or padded would see them).
+    seen = image // patch * patch
+    changed = images.copy()
+    changed[:, seen:], changed[:, :, seen:] = 7.0, -7.0
+    np.testing.assert_array_equal(np.asarray(ours.encode_image(changed)), got)
+    np.testing.assert_allclose(_hf_outputs(model, changed, tokens[:3])["image_embeds"], ref, rtol=0, atol=1e-6)
 
 
 def test_import_config(saved):

@@ -58,8 +58,6 @@ def config_from_hf(hf, preprocess=None, spiece=None):
     if vis.get("num_channels", 3) != 3:
         raise ConversionError(f"vision num_channels={vis['num_channels']}; clip_jax's ViT takes RGB images")
     size, patch = _square(vis["image_size"], "image_size"), _square(vis["patch_size"], "patch_size")
-    if size % patch:
-        raise ConversionError(f"image_size {size} is not a multiple of patch_size {patch}")
     m.image.variant = f"{_tower(m.image, vis)}/{patch}"
     m.image.patch_size, m.image.image_size, m.image.posemb = patch, size, "learn"
     m.text.variant = _tower(m.text, txt)

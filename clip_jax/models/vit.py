@@ -23,12 +23,14 @@ class ViT(nnx.Module):
         if cfg.posemb not in POSEMBS:
             raise ValueError(f"model.image.posemb={cfg.posemb!r}; valid: {list(POSEMBS)}")
         width, patch = dims["width"], dims["patch_size"]
-        if cfg.image_size % patch:
-            raise ValueError(f"model.image.image_size={cfg.image_size} is not a multiple of patch {patch}")
+        if cfg.image_size < patch:
+            raise ValueError(f"model.image.image_size={cfg.image_size} is smaller than the patch size {patch}")
         if not cfg.proj and width != embed_dim:
             raise ValueError(f"model.image.proj=False needs width == embed_dim, got {width} != {embed_dim}")
         self.dtype, self.width, self.patch = dtype, width, patch
         self.image_size, self.pool, self.posemb = cfg.image_size, cfg.pool, cfg.posemb
+        # An image size that is not a multiple of the patch (SigLIP so400m-patch14-384: 27 x 14 = 378 of 384 pixels)
+        # leaves its last rows and columns unseen, as the reference's stride-p, unpadded convolution does.
         self.grid = cfg.image_size // patch
         # Options that imported models need (HF CLIP / SigLIP); .get keeps sub-configs written before them working.
         ln_eps, act = cfg.get("ln_eps", 1e-6), cfg.get("act", "gelu_tanh")
@@ -92,7 +94,7 @@ class ViT(nnx.Module):
         if (h, w, c) != (self.image_size, self.image_size, 3):
             raise ValueError(f"images must be [B,{self.image_size},{self.image_size},3], got {images.shape}")
         g, p = self.grid, self.patch
-        x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = images[:, : g * p, : g * p].reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, g * g, p * p * c)
 
     def features(self, images):
