@@ -49,7 +49,7 @@ BROKEN = [  # (overrides, what the one-line error must say)
     ([("data.name", "")], r"'data.name' is empty"),
     ([("loss.kind", "softmx")], r"'loss.kind' is 'softmx'"),
     ([("nan_policy", "ignore")], r"'nan_policy' is 'ignore'; choose one of 'stop', 'skip'"),
-    ([("model.image.image_size", 6)], r"image_size=6 is smaller than the patch size 8; use at least 8"),
+    ([("model.image.image_size", 6)], r"image_size=6 is smaller than the patch size 8 .*; use at least 8"),
     ([("model.text.eos_id", 5000)], r"'model.text.eos_id' is 5000, outside the vocabulary"),
     ([("model.image.num_heads", 5)], r"model.image.\*: width 96 is not divisible by num_heads 5"),
     ([("model.image.variant", "B16")], r"'model.image.variant' is 'B16'"),

@@ -163,7 +163,7 @@ def test_overrides_and_errors():
         ({"text.variant": "B/16"}, "without a patch"),
         ({"dtype": "float16"}, "bfloat16"),
         ({"image.proj": False}, "width == embed_dim"),
-        ({"image.image_size": 18}, "multiple"),
+        ({"image.image_size": 3}, "smaller than the patch size"),
         ({"image.variant": "mu"}, "patch_size"),
     ]
     for overrides, needle in bad:
