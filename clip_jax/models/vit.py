@@ -1,8 +1,12 @@
 """ViT image tower: patches -> position embeddings -> (optional LayerNorm) -> pre-LN encoder -> pooling ->
 optional projection."""
 
+import math
+
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from PIL import Image
 
 from clip_jax.models import layers
 
@@ -123,3 +127,28 @@ class ViT(nnx.Module):
         if self.proj is not None:
             x = self.proj(x)
         return x.astype(jnp.float32)
+
+
+def resample_pos_embedding(table: np.ndarray, extra_tokens: int, grid: int) -> np.ndarray:
+    """A learned position-embedding table at another patch grid, for a model run at another image size.
+
+    table: [extra_tokens + g * g, width] (the cls token's row first, when there is one), g the old grid side.
+    Returns float32 [extra_tokens + grid * grid, width]: the extra rows unchanged, the g x g grid of each channel
+    resized to grid x grid with Pillow's bicubic filter, which is what open_clip's resize_pos_embed computes
+    (torch.nn.functional.interpolate, mode='bicubic', antialias=True, align_corners=False: the antialiased path
+    reproduces Pillow's filter). Raises ValueError when the rows do not form a square grid.
+    """
+    table = np.asarray(table, np.float32)
+    side = math.isqrt(len(table) - extra_tokens)
+    if side * side != len(table) - extra_tokens:
+        raise ValueError(f"{len(table)} position rows are not {extra_tokens} extra rows plus a square grid")
+    patches = table[extra_tokens:].reshape(side, side, -1)
+    out = np.stack(
+        [
+            np.asarray(Image.fromarray(patches[:, :, c]).resize((grid, grid), Image.Resampling.BICUBIC))
+            for c in range(patches.shape[-1])
+        ],
+        axis=-1,
+    )
+    return np.concatenate([table[:extra_tokens], out.reshape(grid * grid, -1)])
+
