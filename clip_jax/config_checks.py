@@ -8,7 +8,7 @@ file), the image size against the patch size, widths against head counts, regexe
 count, the zero-shot templates and class names. A failure is a `config.ConfigError` whose one-line message names
 the key, the bad value, the valid values (with the closest one, by difflib, as in `config.check_keys`) and the fix.
 What needs the data (dataset names, splits, feature keys, class counts) is checked when a run starts, before it
-writes anything: input/preflight.py for training, evaluate.check_sources for the evaluators.
+writes anything: input/preflight.py for training, the evaluators when evaluate/suite.py builds them.
 """
 
 import difflib

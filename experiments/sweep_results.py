@@ -9,7 +9,7 @@ import textwrap
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict:
-    """Every numeric value of a train report, nested dicts flattened to 'zero_shot/top1', 'eval/retrieval/...'.
+    """Every numeric value of a train report, nested dicts flattened to 'eval/zeroshot/top1', 'eval/retrieval/...'.
     The per-interval history and non-numbers (messages, lists) are left out."""
     out = {}
     for key, value in report.items():

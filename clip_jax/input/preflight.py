@@ -1,6 +1,6 @@
 """Up-front checks of the datasets a run reads, so that a bad dataset name, split or feature key is a one-line
 DataError before the run writes anything, rather than a failure at its first batch or first evaluation
-(train.run calls check_train_sources; evaluate.check_sources uses check_features for the evaluators' sets)."""
+(train.run calls check_train_sources; the evaluators check their own sets when built: eval_data.check_section)."""
 
 from clip_jax.input import pipeline
 
