@@ -29,6 +29,7 @@ from PIL import Image
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import datasets, optim, sharding, train
+from clip_jax.input import pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -187,6 +188,26 @@ def test_another_process_count_is_refused_in_one_line_unless_reshuffled(corpus, 
     assert any("resume_reshuffle" in r.getMessage() and "batch 2" in r.getMessage() for r in caplog.records)
     # One process now: its slice is the whole shuffled order, started at batch EVERY (bad records skipped).
     assert _recorded(record, 0) == _expected(longer, shuffled, bad, hosts=1, start=EVERY, steps=EVERY)[0]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_start_at_places_the_slice_at_a_batch(corpus, workers):
+    data_dir, shuffled, bad = corpus
+    cfg = _config(data_dir, **{"data.num_workers": workers})
+    it = pipeline.train_iterator(cfg)
+    next(it)  # somewhere else first: start_at must drop what was read or prefetched
+    pipeline.start_at(it, 3)
+    got = next(it)["tokens"].tolist() + next(it)["tokens"].tolist()
+    assert got == _expected(cfg, shuffled, bad, hosts=1, start=3, steps=2)[0]
+
+
+def test_start_at_with_several_workers_is_one_line(corpus):
+    data_dir, _, _ = corpus
+    it = pipeline.train_iterator(_config(data_dir, **{"data.num_workers": 2}))
+    with pytest.raises(
+        pipeline.DataError, match=r"needs data.num_workers 0 or 1; set --config.data.num_workers=1"
+    ):
+        pipeline.start_at(it, 3)
 
 
 # -- slow: 2 real processes x 4 CPU devices -----------------------------------------------------------------

@@ -255,8 +255,8 @@ def start_at(iterator, index: int) -> None:
         grain.experimental.set_next_index(inner, index)
     except NotImplementedError:
         raise DataError(
-            "data.resume_reshuffle needs data.num_workers 0 or 1 (grain cannot move several workers to a batch); "
-            "set --config.data.num_workers=1"
+            "data.resume_reshuffle needs data.num_workers 0 or 1; set --config.data.num_workers=1 (grain cannot "
+            "move several workers' interleaved iterators to a batch)"
         ) from None
     iterator.set_state(inner.get_state())  # the wrappers drop what they prefetched from the old position
 
