@@ -318,7 +318,9 @@ def test_two_processes_killed_and_resumed_train_exactly_the_uninterrupted_exampl
         _kill(procs)  # kill -9 of both processes (and their children), mid-run
     saved = _checkpoint_steps(killed)
     assert saved and saved[-1] < STEPS, saved
+    before = len(_recorded_lines(killed / "record"))
     _finish(_start(_flags(data_dir), killed, killed / "record", killed), killed)
+    assert _recorded_lines(killed / "record")[before]["step"] == saved[-1] + 1  # a resume, not a fresh start
 
     for h in range(2):  # every host trained on exactly the examples of the reference, in order, both times
         assert _recorded(runs["straight"] / "record", h) == expected[h], f"host {h}, uninterrupted run"
@@ -340,12 +342,17 @@ def test_two_processes_killed_and_resumed_train_exactly_the_uninterrupted_exampl
     assert train.run(longer, str(one))["step"] == STEPS + 2
 
 
-def _recorded_steps(record_dir) -> set:
+def _recorded_lines(record_dir) -> list[dict]:
+    """Process 0's complete records so far."""
     path = os.path.join(record_dir, "process_0.jsonl")
     if not os.path.exists(path):
-        return set()
+        return []
     with open(path) as f:
-        return {json.loads(line)["step"] for line in f if line.endswith("\n")}
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _recorded_steps(record_dir) -> set:
+    return {r["step"] for r in _recorded_lines(record_dir)}
 
 
 def _final_params(cfg, workdir):
