@@ -51,6 +51,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.image_key = "image"  # feature holding the image
     c.data.text_key = "caption"  # feature holding the caption(s); 'a/b' = nested (coco_captions: 'captions/text')
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
+    # A checkpoint holds each process's own data position; on another process count a resume is refused unless
+    # this is True: then each process starts its new slice at the checkpoint's step (near-exact, not exact).
+    c.data.resume_reshuffle = False  # allow resuming on a different number of processes (re-slices the data)
     c.data.prefetch = 2  # batches prepared ahead of the train step
     c.data.device_prefetch = 1  # batches copied to the devices ahead of the train step (0 = none)
     c.data.cache = False  # decode the whole train split into memory once (small datasets: no per-step decoding)

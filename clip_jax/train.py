@@ -176,9 +176,32 @@ def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
             )
     else:
         step, state, data_state = restored
-        data_it.set_state(checkpoint_lib.from_jsonable(data_state))
+        if data_state is None:  # written by another number of processes
+            _restart_data(cfg, ckpt, step, data_it)
+        else:
+            data_it.set_state(data_state)  # this process's own position (each host skips its own bad records)
         logging.info("resumed from the checkpoint at step %d", step)
     return graphdef, shardings, state
+
+
+def _restart_data(cfg, ckpt, step: int, data_it) -> None:
+    """A checkpoint's data positions are per process: on another process count, refuse (one line), or with
+    data.resume_reshuffle start every process's new slice at batch `step` (pipeline.start_at)."""
+    saved, now = ckpt.saved_process_count, jax.process_count()
+    if not cfg.data.resume_reshuffle:
+        raise checkpoint_lib.CheckpointMismatch(
+            f"the checkpoint at step {step} in {ckpt.directory} was written by {saved} process(es) and this run "
+            f"has {now}: their data positions cannot be resumed exactly. Run on {saved} process(es), or set "
+            "--config.data.resume_reshuffle=True to re-slice the data from the step's position"
+        )
+    pipeline.start_at(data_it, step)
+    logging.warning(
+        "data.resume_reshuffle: the checkpoint's data states are from %d process(es), this run has %d; each "
+        "process starts its new slice at batch %d (examples near the cut may repeat or be skipped)",
+        saved,
+        now,
+        step,
+    )
 
 
 def _check_nonfinite(cfg, averager, ckpt, skipped: list) -> None:

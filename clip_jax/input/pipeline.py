@@ -192,6 +192,12 @@ class _GoodBatchIterator(grain.DatasetIterator):
             return {"chunk": self._parent.get_state(), "offset": 0}
         return {"chunk": self._chunk_state, "offset": self._offset}
 
+    def _set_next_index(self, index: int) -> None:
+        """grain's set_next_index protocol (grain.experimental.set_next_index): start at chunk `index` of this
+        host's slice, which is batch `index` when no record before it was skipped."""
+        grain.experimental.set_next_index(self._parent, index)
+        self._chunk, self._offset, self._chunk_state = [], 0, self._parent.get_state()
+
     def set_state(self, state):
         if "chunk" not in state:  # a checkpoint from before filtering: its batch index is our chunk index
             state = {"chunk": state, "offset": 0}
@@ -235,6 +241,24 @@ class IssueCounter:
 
     def set_state(self, state):
         self.iterator.set_state(state)
+
+
+def start_at(iterator, index: int) -> None:
+    """Moves a train iterator (train_iterator's, or prefetch_to_device's around it) to batch `index` of this
+    process's slice, counted as if no record before it had been skipped. Used to resume on another number of
+    processes (data.resume_reshuffle), whose slices differ from the saved ones. Raises DataError with more than
+    one data worker (grain cannot move an interleave of several workers to an index)."""
+    inner = iterator
+    while not isinstance(inner, grain.DatasetIterator):
+        inner = inner.iterator  # DevicePrefetch -> IssueCounter -> grain's iterator
+    try:
+        grain.experimental.set_next_index(inner, index)
+    except NotImplementedError:
+        raise DataError(
+            "data.resume_reshuffle needs data.num_workers 0 or 1; set --config.data.num_workers=1 (grain cannot "
+            "move several workers' interleaved iterators to a batch)"
+        ) from None
+    iterator.set_state(inner.get_state())  # the wrappers drop what they prefetched from the old position
 
 
 def prefetch_to_device(iterator, size: int, mesh):
