@@ -85,6 +85,7 @@ def _env():
         # The same persistent cache as conftest, for every compile (orbax's small per-array ones too).
         JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=ROOT,  # drivers written to a tmp folder import this checkout's clip_jax, not the installed one
     )
 
 
