@@ -13,19 +13,13 @@ import pytest
 
 from clip_jax import console
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_configs import TINIEST  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, LOG_EVERY, EVAL_EVERY = 8, 2, 4
 SMALL = {  # the tiniest model, a log line every 2 steps and a zero-shot evaluation at step 4 (and at the end)
-    "batch_size": 16,
-    "model.embed_dim": 32,
-    "model.image.depth": 1,
-    "model.image.width": 32,
-    "model.image.mlp_dim": 64,
-    "model.text.depth": 1,
-    "model.text.width": 32,
-    "model.text.mlp_dim": 64,
-    "data.name": "clip_shapes/small",
-    "data.cache": False,
+    **TINIEST,
     # the zero-shot evaluator (with issue 14's evals.<name> sections: evals.zeroshot.dataset / .max_examples)
     "evals.zeroshot.dataset": "clip_shapes/small",
     "evals.zeroshot.max_examples": 64,

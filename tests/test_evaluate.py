@@ -21,19 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_cpu
+from run_configs import TINIEST
 from test_retrieval import dense_ranks
 
 TINY = {  # the smallest model: the end-to-end test is mostly import and compile time
-    "batch_size": 16,
-    "model.embed_dim": 32,
-    "model.image.depth": 1,
-    "model.image.width": 32,
-    "model.image.mlp_dim": 64,
-    "model.text.depth": 1,
-    "model.text.width": 32,
-    "model.text.mlp_dim": 64,
-    "data.name": "clip_shapes/small",
-    "data.cache": False,
+    **TINIEST,
     "evals.zeroshot.dataset": "clip_shapes/small",
     "evals.zeroshot.batch_size": 64,
     "evals.retrieval.dataset": "clip_shapes_captions/small",  # tiny_cpu.py:retrieval adds this section

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from test_reliability import _env as reliability_env
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import datasets, optim, sharding, train
@@ -223,16 +224,9 @@ def _free_port() -> int:
 
 
 def _env(record_dir):
-    return dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        RECORD_DIR=str(record_dir),
-        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),  # this checkout's clip_jax
-    )
+    """test_reliability's subprocess environment (CPU, shared compile cache, this checkout's clip_jax), with 4
+    devices per process and the driver's record folder."""
+    return {**reliability_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "RECORD_DIR": str(record_dir)}
 
 
 def _start(cfg_flags, workdir, record_dir, log_dir) -> list:

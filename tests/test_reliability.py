@@ -25,19 +25,11 @@ from clip_jax import optim, sharding, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny_cpu
+from run_configs import TINIEST
 
 TOTAL, EVERY = 8, 2  # steps of every subprocess run, and its checkpoint interval
 TINY = {  # the smallest model the code supports: each run is mostly import + compile time
-    "batch_size": 16,
-    "model.embed_dim": 32,
-    "model.image.depth": 1,
-    "model.image.width": 32,
-    "model.image.mlp_dim": 64,
-    "model.text.depth": 1,
-    "model.text.width": 32,
-    "model.text.mlp_dim": 64,
-    "data.name": "clip_shapes/small",
-    "data.cache": False,
+    **TINIEST,
     "evals.zeroshot.dataset": "",
     "total_steps": TOTAL,
     "ckpt_every": EVERY,
