@@ -13,9 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -26,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
-from test_reliability import _env as reliability_env
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import datasets, optim, sharding, train
@@ -34,12 +30,11 @@ from clip_jax.input import pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_driver
-from test_reliability import ROOT, TINY, tiny_config
+import multihost_driver as md
+from test_reliability import TINY, tiny_config
 
 N, STEPS, EVERY, BATCH = 160, 8, 2, 16  # corpus size, steps of a run, checkpoint interval, global batch
 BAD_EVERY = 5  # one record in 5 of the second host's slice (within the first epoch) is undecodable
-TIMEOUT = 300
 
 
 def _config(data_dir, **overrides):
@@ -103,16 +98,6 @@ def _expected(cfg, shuffled, bad, hosts: int, start: int = 0, steps: int = STEPS
         mine = shuffled[h::hosts][start * local :]
         out[h] = _rows(cfg, [k for k in mine if k not in bad][: steps * local])
     return out
-
-
-def _recorded(record_dir, process: int) -> list:
-    """Token rows per step, the last record of a step winning (a killed run's steps are trained again)."""
-    steps = {}
-    with open(os.path.join(record_dir, f"process_{process}.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            steps[row["step"]] = row["tokens"]
-    return [row for s in sorted(steps) for row in steps[s]]
 
 
 # -- fast: one process, checkpoints written in-process ------------------------------------------------------
@@ -181,14 +166,14 @@ def test_another_process_count_is_refused_in_one_line_unless_reshuffled(corpus, 
     record.mkdir()
     original = train.compile_step
     try:
-        multihost_driver.install_recorder(str(record))
+        md.install_recorder(str(record))
         result = train.run(longer, str(tmp_path))
     finally:
         train.compile_step = original
     assert result["step"] == 2 * EVERY
     assert any("resume_reshuffle" in r.getMessage() and "batch 2" in r.getMessage() for r in caplog.records)
     # One process now: its slice is the whole shuffled order, started at batch EVERY (bad records skipped).
-    assert _recorded(record, 0) == _expected(longer, shuffled, bad, hosts=1, start=EVERY, steps=EVERY)[0]
+    assert md.recorded(record, 0) == _expected(longer, shuffled, bad, hosts=1, start=EVERY, steps=EVERY)[0]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -217,74 +202,15 @@ def test_start_at_with_several_workers_is_one_line(corpus):
 # -- slow: 2 real processes x 4 CPU devices -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(record_dir):
-    """test_reliability's subprocess environment (CPU, shared compile cache, this checkout's clip_jax), with 4
-    devices per process and the driver's record folder."""
-    return {**reliability_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "RECORD_DIR": str(record_dir)}
-
-
 def _start(cfg_flags, workdir, record_dir, log_dir) -> list:
-    """Both processes of a 2-process run of the recording driver; each in its own process group."""
-    port = _free_port()
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "multihost_driver.py"), "train", f"--workdir={workdir}"]
-    cmd += ["--config=configs/tiny_cpu.py"] + cfg_flags
-    cmd += ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-    procs = []
-    for i in range(2):
-        with open(os.path.join(log_dir, f"log_{i}.txt"), "a") as log:  # the child keeps its own handle
-            procs.append(
-                subprocess.Popen(
-                    cmd + [f"--process_id={i}"],
-                    cwd=ROOT,
-                    env=_env(record_dir),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    return procs
-
-
-def _kill(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
-
-
-def _finish(procs, log_dir) -> None:
-    try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT)
-    finally:
-        _kill(procs)
-    if [p.returncode for p in procs] != [0, 0]:
-        tails = []
-        for i in range(2):
-            with open(os.path.join(log_dir, f"log_{i}.txt")) as f:
-                tails.append(f.read()[-3000:])
-        raise AssertionError(f"return codes {[p.returncode for p in procs]}: {tails}")
-
-
-def _checkpoint_steps(workdir) -> list[int]:
-    folder = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    """Both processes of a 2-process run of the recording driver (localhost flags)."""
+    args = [md.DRIVER, "train", f"--workdir={workdir}", "--config=configs/tiny_cpu.py"] + cfg_flags
+    return md.start(md.flag_launch(args, md.base_env(RECORD_DIR=str(record_dir))), log_dir)
 
 
 def _flags(data_dir) -> list[str]:
     flat = {**TINY, "data.data_dir": data_dir, "data.name": "image_text_folder/dirty", "total_steps": STEPS}
     return [f"--config.{k}={v}" for k, v in {**flat, "ckpt_every": EVERY, "keep_ckpts": 10}.items()]
-
-
-def _host_states(workdir, step) -> list:
-    folder = os.path.join(workdir, "checkpoints", str(step), "host_data")
-    return [json.load(open(os.path.join(folder, f"process_{i}-of-2.json"))) for i in range(2)]
 
 
 @pytest.mark.slow
@@ -297,30 +223,30 @@ def test_two_processes_killed_and_resumed_train_exactly_the_uninterrupted_exampl
     for name in ("straight", "killed"):
         runs[name] = tmp_path / name
         (runs[name] / "record").mkdir(parents=True)
-    _finish(
+    md.finish(
         _start(_flags(data_dir), runs["straight"], runs["straight"] / "record", runs["straight"]), runs["straight"]
     )
 
     killed = runs["killed"]
     procs = _start(_flags(data_dir), killed, killed / "record", killed)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (_checkpoint_steps(killed) and max(_recorded_steps(killed / "record"), default=0) > EVERY + 1):
+        deadline = time.monotonic() + md.TIMEOUT
+        while not (md.checkpoint_steps(killed) and md.last_step(killed / "record") > EVERY + 1):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run B never got going"
             time.sleep(0.05)
     finally:
-        _kill(procs)  # kill -9 of both processes (and their children), mid-run
-    saved = _checkpoint_steps(killed)
+        md.kill(procs)  # kill -9 of both processes (and their children), mid-run
+    saved = md.checkpoint_steps(killed)
     assert saved and saved[-1] < STEPS, saved
-    before = len(_recorded_lines(killed / "record"))
-    _finish(_start(_flags(data_dir), killed, killed / "record", killed), killed)
-    assert _recorded_lines(killed / "record")[before]["step"] == saved[-1] + 1  # a resume, not a fresh start
+    before = len(md.recorded_lines(killed / "record"))
+    md.finish(_start(_flags(data_dir), killed, killed / "record", killed), killed)
+    assert md.recorded_lines(killed / "record")[before]["step"] == saved[-1] + 1  # a resume, not a fresh start
 
     for h in range(2):  # every host trained on exactly the examples of the reference, in order, both times
-        assert _recorded(runs["straight"] / "record", h) == expected[h], f"host {h}, uninterrupted run"
-        assert _recorded(killed / "record", h) == expected[h], f"host {h}, killed and resumed run"
-    straight_states = _host_states(runs["straight"], STEPS)
-    assert _host_states(killed, STEPS) == straight_states
+        assert md.recorded(runs["straight"] / "record", h) == expected[h], f"host {h}, uninterrupted run"
+        assert md.recorded(killed / "record", h) == expected[h], f"host {h}, killed and resumed run"
+    straight_states = md.host_states(runs["straight"], STEPS)
+    assert md.host_states(killed, STEPS) == straight_states
     assert straight_states[0] != straight_states[1]  # host 1 skipped records: the positions differ
     a, b = _final_params(cfg, runs["straight"]), _final_params(cfg, killed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -334,19 +260,6 @@ def test_two_processes_killed_and_resumed_train_exactly_the_uninterrupted_exampl
         train.run(longer, str(one))
     longer.data.resume_reshuffle = True
     assert train.run(longer, str(one))["step"] == STEPS + 2
-
-
-def _recorded_lines(record_dir) -> list[dict]:
-    """Process 0's complete records so far."""
-    path = os.path.join(record_dir, "process_0.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _recorded_steps(record_dir) -> set:
-    return {r["step"] for r in _recorded_lines(record_dir)}
 
 
 def _final_params(cfg, workdir):

@@ -1,12 +1,14 @@
 """Multi-host training, simulated: 2 local processes x 4 CPU devices (collectives over localhost via gloo) train
 the same config and seed as 1 process x 8 devices, and end with the same loss, the same parameters and the same
-zero-shot result (the evaluators run on every process)."""
+zero-shot result (the evaluators run on every process).
+
+The 2 processes are launched both ways the README shows: with the CLI's --coordinator_address/--num_processes/
+--process_id flags, and (slow) with no launch flags, only the environment SLURM's `srun` gives each task, from
+which JAX's own cluster detection finds the coordinator, the process count and each process's index.
+"""
 
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 
 import jax
@@ -17,7 +19,9 @@ from test_train import small_config
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import optim, sharding, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import multihost_driver as md
+
 STEPS = 6
 
 
@@ -37,12 +41,6 @@ def _overrides(cfg) -> list[str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _params(cfg, workdir):
     mesh, opt = sharding.make_mesh(cfg), optim.make(cfg)
     _, abstract, shardings = train.state_shardings(cfg, mesh, opt)
@@ -53,41 +51,28 @@ def _params(cfg, workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def single(tmp_path_factory):
+    """The 1-process x 8-device reference run (in this process); it also prepares the dataset the others read."""
     data_dir = tmp_path_factory.mktemp("tfds")
     # Random crops and flips are on, so the test also checks that augmentation does not depend on the host count.
     cfg = small_config(data_dir, total_steps=STEPS, log_every=2)
     cfg.data.train_crop, cfg.data.flip = "inception", True
     one = tmp_path_factory.mktemp("one_process")
-    single = train.run(cfg, str(one))  # also prepares the dataset the subprocesses read
+    return cfg, one, train.run(cfg, str(one))
 
-    two = tmp_path_factory.mktemp("two_processes")
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "clip_jax.main", "train", "--config=configs/tiny_cpu.py", f"--workdir={two}"]
-    cmd += _overrides(cfg) + ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--process_id={i}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # its own process group, so cleanup reaches grain/orbax children too
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:  # on a timeout or any failure: no process outlives the test
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return cfg, one, single, two, outs
+
+# How the 2 processes learn the job: the CLI's flags (the README's localhost lines) or SLURM's environment (srun).
+LAUNCHES = {"flags": md.flag_launch, "slurm": md.slurm_launch}
+
+
+@pytest.fixture(scope="module", params=["flags", pytest.param("slurm", marks=pytest.mark.slow)])
+def runs(request, single, tmp_path_factory):
+    cfg, one, result = single
+    two = tmp_path_factory.mktemp(f"two_processes_{request.param}")
+    logs = tmp_path_factory.mktemp(f"logs_{request.param}")
+    args = ["-m", "clip_jax.main", "train", "--config=configs/tiny_cpu.py", f"--workdir={two}"] + _overrides(cfg)
+    outs = md.run(LAUNCHES[request.param](args, md.base_env()), logs, timeout=600)
+    return cfg, one, result, two, outs
 
 
 def test_two_processes_equal_one(runs):
@@ -109,3 +94,5 @@ def test_two_processes_equal_one(runs):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
         changed += 1
     assert changed > 10
+    # Both processes wrote their own data position into the one final checkpoint: the job had 2 processes.
+    assert md.host_data_files(two, STEPS) == ["process_0-of-2.json", "process_1-of-2.json"]
