@@ -7,6 +7,7 @@ train step, the token rows of the host-local batch it fed to `$RECORD_DIR/proces
 install the recorder (by wrapping train.compile_step); clip_jax itself is unchanged.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -199,7 +200,8 @@ def local_rows(array) -> np.ndarray:
 
 
 def install_recorder(record_dir: str) -> None:
-    """Wrap train.compile_step so each step appends {'step': the step it trains, 'tokens': local rows}."""
+    """Wrap train.compile_step so each step appends {'step': the step it trains, 'tokens': local rows, 'images':
+    the SHA-1 of the local image rows' bytes}."""
     compile_step = train.compile_step
 
     def recording_compile(*args, **kwargs):
@@ -209,7 +211,9 @@ def install_recorder(record_dir: str) -> None:
         def step(state, batch):
             done = int(np.asarray(state["step"].addressable_data(0)))  # read before the state is donated
             with open(path, "a") as f:
-                f.write(json.dumps({"step": done + 1, "tokens": local_rows(batch["tokens"]).tolist()}) + "\n")
+                tokens, images = local_rows(batch["tokens"]).tolist(), local_rows(batch["image"]).tobytes()
+                row = {"step": done + 1, "tokens": tokens, "images": hashlib.sha1(images).hexdigest()}
+                f.write(json.dumps(row) + "\n")
             return step_fn(state, batch)
 
         return step
