@@ -353,6 +353,37 @@ def mixture(data) -> list[tuple[str, float]]:
     return out
 
 
+def train_sources(cfg) -> list[tuple[str, object, float]]:
+    """[(name, random-access source, mixture weight)] of the training data: data.shards (tar shards read in place,
+    input/shards.py), else data.mixture or data.name (tfds; decoded into memory with data.cache). A record the
+    storage cannot return reads as a marker the pipeline counts and skips. Raises DataError (one line) when a
+    dataset or the shards cannot be opened."""
+    d = cfg.data
+    if d.shards.strip():
+        index_dir = d.shard_index_dir or os.path.join(d.data_dir, "shard_index")
+        return [(d.shards, _SafeSource(tar_source(d.shards.strip(), index_dir)), 1.0)]
+    out = []
+    for name, weight in mixture(d):
+        if d.cache:
+            keys = (d.image_key, d.text_key)
+            source = decoded_source(name, d.train_split, os.path.abspath(d.data_dir), keys)
+        else:
+            source = _SafeSource(open_source(name, d.train_split, d.data_dir))
+        out.append((name, source, weight))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def tar_source(pattern: str, index_dir: str):
+    """shards.TarShards(pattern, index_dir), once per process (the preflight check and the run share it)."""
+    from clip_jax.input import shards
+
+    try:
+        return shards.TarShards(pattern, index_dir)
+    except (shards.ShardError, OSError) as e:
+        raise DataError(_one_line(e)) from None
+
+
 def train_iterator(cfg):
     """Endless iterator of host-local batches {'image': [b,H,W,3] f32, 'tokens': [b,L] i32}; has get/set_state.
 
@@ -364,12 +395,7 @@ def train_iterator(cfg):
         raise ValueError(f"batch_size={cfg.batch_size} does not divide over {pc} hosts")
     local = cfg.batch_size // pc
     parts, weights = [], []
-    for i, (name, weight) in enumerate(mixture(cfg.data)):
-        if cfg.data.cache:
-            keys = (cfg.data.image_key, cfg.data.text_key)
-            source = decoded_source(name, cfg.data.train_split, os.path.abspath(cfg.data.data_dir), keys)
-        else:
-            source = _SafeSource(open_source(name, cfg.data.train_split, cfg.data.data_dir))
+    for i, (_, source, weight) in enumerate(train_sources(cfg)):
         # Each source is shuffled and repeated on its own before mixing, so the weights hold at every scale.
         parts.append(grain.MapDataset.source(source).seed(cfg.seed + i).shuffle().repeat(None))
         weights.append(weight)
@@ -377,7 +403,7 @@ def train_iterator(cfg):
     # Chunks of `local` processed examples (a plain list each): the unit of prefetching; GoodBatches re-cuts
     # them into full batches of good examples.
     ds = ds[pi::pc].map_with_index(_Preprocess(cfg)).batch(local, batch_fn=list)
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
+    read = grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=max(1, cfg.data.prefetch))
     it_ds = GoodBatches(ds.to_iter_dataset(read), local, max_skips=max(1000, 100 * local))
     if cfg.data.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
