@@ -164,9 +164,10 @@ def _check_batches(cfg, num_devices: int) -> None:
     """The global batch, its micro-batches and the loss tiles against the devices of the batch axes."""
     if cfg.batch_size % num_devices:
         lo = cfg.batch_size // num_devices * num_devices
+        near = " or ".join(map(str, sorted({max(lo, num_devices), lo + num_devices})))  # one value when lo is 0
         raise ConfigError(
             f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
-            f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}"
+            f"use a multiple of {num_devices}, e.g. {near}"
         )
     if cfg.batch_size % (num_devices * cfg.accum_steps):
         per = num_devices * cfg.accum_steps

@@ -53,6 +53,7 @@ DAMAGE_KINDS = (
     "missing_caption_file",  # an image without .txt / .json: kept, read as an empty caption (counted again later)
 )
 _OPEN_FILES = 8  # per reading thread
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd: no random access
 
 
 class ShardError(RuntimeError):
@@ -97,6 +98,10 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
     with epath.Path(path).open("rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
+        magic = f.read(6)
+        f.seek(0)
+        if any(magic.startswith(m) for m in _COMPRESSED):
+            raise ShardError(f"{path} is a compressed file, not an uncompressed tar; decompress it first")
         try:
             # ignore_zeros: step over blocks that are not a header (a corrupt member) to the next valid one
             tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)  # noqa: SIM115  f closes it
@@ -117,14 +122,14 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
             expected = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not member.isfile():
                 continue
-            if member.offset_data + member.size > size:
-                counts["truncated_shard"] += 1
-                parts = {}
-                break
             name, ext = sample_key(member.name)
             if name != key:
                 _add(rows, keys, key, parts, counts)
                 key, parts = name, {}
+            if member.offset_data + member.size > size:
+                counts["truncated_shard"] += 1
+                parts = {}  # this sample's members after the cut are lost: it may be incomplete
+                break
             parts[ext] = (member.offset_data, member.size)
         _add(rows, keys, key, parts, counts)
     return np.array(rows, ROW), keys, counts
@@ -200,7 +205,7 @@ def load_index(path: str, index_dir: str) -> tuple[np.ndarray, collections.Count
         partial.write_bytes(buffer.getvalue())
         partial.rename(cached)
     except OSError as e:
-        log.warning("cannot cache the shard index in %s (%s); it will be rebuilt next time", index_dir, e)
+        _warn_once(f"cannot cache shard indexes in {index_dir} ({e.strerror}); they will be rebuilt next time")
     return rows, counts
 
 
@@ -277,16 +282,31 @@ class TarShards:
 
 
 def _combined(indexes: list[np.ndarray], paths: list[str], local_dir: str) -> str:
-    """One .npy of all shards' rows under local_dir (named by the shard list), written once, for np.load(mmap)."""
+    """One .npy of all shards' rows (named by the shard list), written once, for np.load(mmap_mode='r'): under
+    local_dir, or the system's temp dir when local_dir cannot be written."""
     digest = hashlib.sha1("\n".join(paths).encode())
     for rows in indexes:  # the count and the first and last rows of each shard: a re-indexed shard is a new file
         digest.update(np.int64(len(rows)).tobytes() + rows[:1].tobytes() + rows[-1:].tobytes())
-    digest = digest.hexdigest()
-    out = os.path.join(os.path.abspath(os.path.expanduser(local_dir)), f"combined.{digest[:20]}.npy")
-    if not os.path.exists(out):
-        os.makedirs(local_dir, exist_ok=True)
-        partial = f"{out}.{os.getpid()}.tmp"
-        with open(partial, "wb") as f:
-            np.save(f, np.concatenate(indexes) if indexes else np.zeros(0, ROW))
-        os.replace(partial, out)
-    return out
+    name = f"combined.{digest.hexdigest()[:20]}.npy"
+    for folder in (os.path.abspath(os.path.expanduser(local_dir)), tempfile.gettempdir()):
+        out = os.path.join(folder, name)
+        try:
+            if not os.path.exists(out):
+                os.makedirs(folder, exist_ok=True)
+                partial = f"{out}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(partial, "wb") as f:
+                    np.save(f, np.concatenate(indexes))
+                os.replace(partial, out)
+            return out
+        except OSError as e:
+            _warn_once(f"cannot write the combined shard index in {folder} ({e})")
+    raise ShardError(f"cannot write the shard index in {local_dir} or {tempfile.gettempdir()}; set data.shard_index_dir")
+
+
+_WARNED = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
