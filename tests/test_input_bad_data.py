@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import datasets
-from clip_jax.input import decode, pipeline
+from clip_jax.input import decode, memory, pipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny_cpu  # after the sys.path line
@@ -234,11 +234,11 @@ def test_in_memory_source_keeps_odd_records_as_stored():
         {"image": np.zeros((5, 5), np.uint8), "captions": {"text": [b"c"]}, "other": 2},
         {"image": b"not an image", "captions": {"text": []}, "other": 3},
     ]
-    cache = pipeline.InMemorySource(_FailingReads(records, bad=1), ("image", "captions/text"))
+    cache = memory.InMemorySource(_FailingReads(records, bad=1), ("image", "captions/text"))
     assert len(cache) == 3 and cache[1] == {decode.UNREADABLE: True}
     assert cache[0]["image"].shape == (4, 6, 3) and cache[2]["image"] == b"not an image"  # mixed: kept as a list
     assert pipeline.field(cache[0], "captions/text") == [b"a", b"b"] and "other" not in cache[0]
-    same = pipeline.InMemorySource(records[:1] * 3, ("image",))
+    same = memory.InMemorySource(records[:1] * 3, ("image",))
     assert isinstance(same.columns["image"], np.ndarray) and same.columns["image"].shape == (3, 4, 6, 3)
 
 
