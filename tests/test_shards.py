@@ -22,7 +22,8 @@ from clip_jax.input import pipeline, preflight, shards
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
-import prepare_local  # after the sys.path lines
+import index_shards  # after the sys.path lines
+import prepare_local
 import tiny_cpu
 
 pytestmark = pytest.mark.usefixtures("no_network")  # conftest: any connection attempt fails the test
@@ -101,7 +102,7 @@ def test_expand_braces_globs_and_lists(corpus):
     assert names(shards.expand(str(corpus / "*.tar"))) == ["00000.tar", "00001.tar", "00002.tar"]
     assert names(shards.expand(str(corpus / "{00002,00000}.tar"))) == ["00002.tar", "00000.tar"]  # as listed
     with pytest.raises(shards.ShardError, match=r"matches no file; give a tar path, a glob or a \{000..099\}"):
-        shards.expand(str(corpus / "{00005..00009}.tar"))
+        shards.expand(str(corpus / "*.tgz"))
 
 
 def _image_offset(path, key: str) -> int:
@@ -138,7 +139,7 @@ def test_compressed_or_empty_shards_are_one_line_errors(corpus, tmp_path):
     with pytest.raises(shards.ShardError, match="is a compressed file, not an uncompressed tar; decompress it first"):
         shards.TarShards(str(tmp_path / "a.tar.gz"), str(tmp_path / "index"))
     _shard(tmp_path / "text_only.tar", [("k", {"txt": b"no image"})])
-    with pytest.raises(shards.ShardError, match="without one image-text sample"):
+    with pytest.raises(shards.ShardError, match=r"no image-text sample in its 1 shard\(s\)$"):
         shards.TarShards(str(tmp_path / "text_only.tar"), str(tmp_path / "index"))
 
 
@@ -210,5 +211,18 @@ def test_config_clashes_and_missing_shards_are_one_line_errors(corpus, tmp_path)
     with pytest.raises(ConfigError, match="'data.text_key' cannot be combined with data.shards"):
         config_checks.validate(cfg, 2)
     cfg = _cfg(shards=str(tmp_path / "missing-{000..009}.tar"), data_dir=str(tmp_path))
-    with pytest.raises(pipeline.DataError, match="matches no file"):
+    with pytest.raises(pipeline.DataError, match=r"no image-text sample in its 10 shard\(s\) \(10 do not exist\)"):
         preflight.check_train_sources(cfg)
+
+
+def test_gaps_in_a_shard_range_are_counted_and_the_rest_trained_on(corpus, tmp_path):
+    source = shards.TarShards(str(corpus / "{00000..00005}.tar"), str(tmp_path / "index"))  # 00003-5 missing
+    assert source.damage == {"missing_shard": 3} and _records(source) == _reference(str(corpus / "{00000..00002}.tar"))
+
+
+def test_index_shards_script_fills_the_cache_a_run_reads(corpus, tmp_path, monkeypatch, capsys):
+    assert index_shards.main([str(corpus / "*.tar"), "--data_dir", str(tmp_path)]) == 0
+    assert "3 shards, 24 samples indexed" in capsys.readouterr().out
+    monkeypatch.setattr(shards, "index_shard", lambda path: pytest.fail(f"{path} indexed again"))
+    cfg = _cfg(shards=str(corpus / "*.tar"), data_dir=str(tmp_path))
+    assert len(pipeline.train_sources(cfg)[0][1]) == 24

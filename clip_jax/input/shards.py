@@ -51,6 +51,7 @@ DAMAGE_KINDS = (
     "corrupt_member",  # a member header that is not a tar header was stepped over: that member is lost
     "sample_without_image",  # no image member under a key (e.g. its image member was the corrupt one)
     "missing_caption_file",  # an image without .txt / .json: kept, read as an empty caption (counted again later)
+    "missing_shard",  # a shard named by a brace range does not exist (img2dataset leaves gaps where downloads failed)
 )
 _OPEN_FILES = 8  # per reading thread
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd: no random access
@@ -62,11 +63,12 @@ class ShardError(RuntimeError):
 
 def expand(pattern: str) -> list[str]:
     """Shard paths named by `pattern`, in order: brace ranges and lists (`{000..099}`, `{a,b}`, as webdataset and
-    img2dataset write them) expanded by braceexpand, then each part globbed (sorted); duplicates removed.
-    Raises ShardError when nothing matches."""
+    img2dataset write them) expanded by braceexpand, then each part globbed (sorted); duplicates removed. Named
+    paths are not checked here (one request each on a bucket): a missing one is counted when indexed. Raises
+    ShardError when nothing matches."""
     paths = []
     for part in braceexpand.braceexpand(pattern.strip()):
-        paths.extend(_glob(part) if glob.has_magic(part) else [part] if epath.Path(part).is_file() else [])
+        paths.extend(_glob(part) if glob.has_magic(part) else [part])
     paths = list(dict.fromkeys(paths))
     if not paths:
         raise ShardError(f"data.shards={pattern!r} matches no file; give a tar path, a glob or a {{000..099}} range")
@@ -188,7 +190,10 @@ def load_index(path: str, index_dir: str) -> tuple[np.ndarray, collections.Count
     (written to a temporary name and renamed, so hosts racing on one shard never read a partial file). An index
     directory that cannot be written only costs the cache: the index is rebuilt next time."""
     path = str(path)
-    size = epath.Path(path).stat().length
+    try:
+        size = epath.Path(path).stat().length
+    except FileNotFoundError:
+        return np.zeros(0, ROW), collections.Counter(missing_shard=1)
     cached = _cache_path(index_dir, path, size)
     if cached.exists():
         try:
@@ -245,7 +250,8 @@ class TarShards:
             log.warning("%s: left out or converted while indexing: %s", pattern, self.damage)
         self.starts = np.cumsum([0] + [len(rows) for rows in indexes], dtype=np.int64)
         if not self.starts[-1]:
-            raise ShardError(f"data.shards={pattern!r}: {len(self.paths)} shard(s) without one image-text sample")
+            missing = f" ({self.damage['missing_shard']} do not exist)" if "missing_shard" in self.damage else ""
+            raise ShardError(f"data.shards={pattern!r}: no image-text sample in its {len(self.paths)} shard(s){missing}")
         local_dir = index_dir if "://" not in index_dir else tempfile.gettempdir()
         self.rows_path = _combined(indexes, self.paths, local_dir)
         self.__setstate__(self.__getstate__())
