@@ -51,6 +51,7 @@ setup(
             "scikit-image==0.26.0",
             "fonttools==4.68.0",
             "matplotlib==3.11.2",
+            "webdataset==1.0.2",  # the reference reading of tar shards that tests/test_shards.py compares against
         ],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/
