@@ -115,7 +115,7 @@ def test_every_good_example_arrives_and_each_bad_kind_is_counted(cfg, caplog):
     source = datasets.local_source("image_text_folder", "dirty", "train", cfg.data.data_dir)
     order = grain.MapDataset.source(source).seed(cfg.seed).shuffle().repeat(None)
     state = it.get_state()
-    consumed = state["chunk"]["next_index"] * 4 + state["offset"]
+    consumed = state["position"]["chunk"]["next_index"] * 4 + state["position"]["offset"]
     expected = {}
     for i in range(consumed):
         for kind in CORPUS[order[i]["key"].decode()][2]:
@@ -134,7 +134,7 @@ def test_resume_is_exact_mid_chunk(cfg):
     for _ in range(7):
         batches.append(next(it))
         states.append(it.get_state())
-    assert any(s["offset"] for s in states), states  # the case under test occurs
+    assert any(s["position"]["offset"] for s in states), states  # the case under test occurs
     for i in range(5):
         fresh = pipeline.train_iterator(cfg)
         fresh.set_state(states[i])

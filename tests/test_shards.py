@@ -226,3 +226,27 @@ def test_index_shards_script_fills_the_cache_a_run_reads(corpus, tmp_path, monke
     monkeypatch.setattr(shards, "index_shard", lambda path: pytest.fail(f"{path} indexed again"))
     cfg = _cfg(shards=str(corpus / "*.tar"), data_dir=str(tmp_path))
     assert len(pipeline.train_sources(cfg)[0][1]) == 24
+
+
+def test_a_position_saved_over_other_data_is_refused_or_reshuffled(corpus, tmp_path, caplog):
+    import types
+
+    from clip_jax import checkpoint as checkpoint_lib
+    from clip_jax import train
+
+    for s in range(3):
+        (tmp_path / f"{s}.tar").write_bytes((corpus / f"{s:05d}.tar").read_bytes())
+    cfg = _cfg(shards=str(tmp_path / "{0..1}.tar"), data_dir=str(tmp_path))
+    _, state = _batches(cfg, 2)
+    assert state["records"] == [15]
+    grown = _cfg(shards=str(tmp_path / "{0..2}.tar"), data_dir=str(tmp_path))  # a shard added to the corpus
+    ckpt = types.SimpleNamespace(directory="WORKDIR/checkpoints")
+    with pytest.raises(checkpoint_lib.CheckpointMismatch, match=r"has \[24\] records now and had \[15\] .*"
+                       r"resume_reshuffle=True to continue at that step in the new data's order"):  # fmt: skip
+        train._resume_data(grown, ckpt, 2, pipeline.train_iterator(grown), state)
+    grown.data.resume_reshuffle = True
+    it = pipeline.train_iterator(grown)
+    train._resume_data(grown, ckpt, 2, it, state)
+    expected, _ = _batches(grown, 3)  # batch 2 of the new order (none skipped): the third of a fresh iterator
+    np.testing.assert_array_equal(next(it)["tokens"], expected[2]["tokens"])
+    assert "starting at batch 2 of the new data's order" in caplog.text

@@ -25,6 +25,10 @@ class DataError(RuntimeError):
     """A dataset cannot be opened; the message says how to prepare it."""
 
 
+class DataChanged(DataError):
+    """A saved data position is for other training data (another record count): it cannot be resumed exactly."""
+
+
 def open_source(name: str, split: str, data_dir: str):
     """A random-access tfds data source, never touching the network (embedded sets are built here if missing)."""
     import tensorflow_datasets as tfds  # heavy import, only where needed
@@ -213,10 +217,12 @@ def _named(counts) -> str:
 
 class IssueCounter:
     """The train iterator as the trainer sees it: batches without '_issues', the totals in `.counts`, logged
-    when they change (at most every `log_every_s` seconds); get_state/set_state pass through to grain."""
+    when they change (at most every `log_every_s` seconds). Its state is grain's plus `records`, the record count
+    of each training source: set_state raises DataChanged for a state saved over other data, whose positions
+    would silently mean other examples (shards added to a corpus, another dataset)."""
 
-    def __init__(self, iterator, log_every_s: float = 60.0):
-        self.iterator, self.log_every_s = iterator, log_every_s
+    def __init__(self, iterator, records: tuple = (), log_every_s: float = 60.0):
+        self.iterator, self.log_every_s, self.records = iterator, log_every_s, list(records)
         self.totals = np.zeros(len(decode.KINDS), np.int64)
         self._logged, self._last_log = self.totals.copy(), -float("inf")
 
@@ -237,10 +243,18 @@ class IssueCounter:
         return batch
 
     def get_state(self):
-        return self.iterator.get_state()
+        return {"position": self.iterator.get_state(), "records": self.records}
 
     def set_state(self, state):
-        self.iterator.set_state(state)
+        if not (isinstance(state, dict) and state.keys() == {"position", "records"}):
+            self.iterator.set_state(state)  # grain's own state: checkpoints from before `records`, start_at
+            return
+        if list(state["records"]) != self.records:
+            raise DataChanged(
+                f"the training data has {self.records} records now and had {list(state['records'])} when the "
+                "checkpoint was written, so its data position means other examples"
+            )
+        self.iterator.set_state(state["position"])
 
 
 def start_at(iterator, index: int) -> None:
@@ -336,7 +350,8 @@ def train_iterator(cfg):
         raise ValueError(f"batch_size={cfg.batch_size} does not divide over {pc} hosts")
     local = cfg.batch_size // pc
     parts, weights = [], []
-    for i, (_, source, weight) in enumerate(train_sources(cfg)):
+    sources = train_sources(cfg)
+    for i, (_, source, weight) in enumerate(sources):
         # Each source is shuffled and repeated on its own before mixing, so the weights hold at every scale.
         parts.append(grain.MapDataset.source(source).seed(cfg.seed + i).shuffle().repeat(None))
         weights.append(weight)
@@ -348,4 +363,4 @@ def train_iterator(cfg):
     it_ds = GoodBatches(ds.to_iter_dataset(read), local, max_skips=max(1000, 100 * local))
     if cfg.data.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
-    return IssueCounter(iter(it_ds))
+    return IssueCounter(iter(it_ds), records=[len(source) for _, source, _ in sources])
