@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "clu==0.0.12",
+    "braceexpand==0.1.7",  # webdataset brace ranges in data.shards ({000000..000999})
+    "etils[epath]==1.15.0",  # paths of data.shards: local, gs:// and other remote file systems
     "ml-collections==1.1.0",
     "tensorflow-datasets==4.9.10",
     "importlib_resources==7.1.0",  # undeclared need of tfds' download_and_prepare
@@ -49,6 +51,7 @@ setup(
             "scikit-image==0.26.0",
             "fonttools==4.68.0",
             "matplotlib==3.11.2",
+            "webdataset==1.0.2",  # the reference reading of tar shards that tests/test_shards.py compares against
         ],
         "demo": ["scikit-image==0.26.0"],  # data/prepare.py --name clip_skimage: its bundled photos
         "bench": ["matplotlib==3.11.2"],  # plots in experiments/

@@ -51,6 +51,7 @@ CHOICES_OR_EMPTY = {"model.image.remat": layers.REMAT_POLICIES, "model.text.rema
 OTHER_STRINGS = (
     "data.name", "data.data_dir", "data.train_split", "data.image_key", "data.text_key",
     "data.mixture",  # parsed here with the pipeline's parser
+    "data.shards", "data.shard_index_dir",  # listed and indexed when a run starts (input/shards.py: ShardError)
     "tokenizer.path",  # read here by the tokenizer it configures
     "model.image.variant", "model.text.variant",  # parsed here against layers.SIZES
     "optim.freeze", "init.params",  # compiled here as regexes
@@ -67,7 +68,7 @@ SECTION_STRINGS = (
 # split, the loss's own tile ...).
 _POSITIVE = (
     "batch_size", "total_steps", "accum_steps", "log_every", "keep_ckpts", "optim.lr", "optim.eps",
-    "data.min_image_size", "model.embed_dim", "model.image.image_size", "model.image.ln_eps",
+    "data.min_image_size", "data.read_threads", "model.embed_dim", "model.image.image_size", "model.image.ln_eps",
     "model.text.vocab_size", "model.text.max_len", "model.text.ln_eps",
     "caption.beam_size",
 )  # fmt: skip
@@ -163,9 +164,10 @@ def _check_batches(cfg, num_devices: int) -> None:
     """The global batch, its micro-batches and the loss tiles against the devices of the batch axes."""
     if cfg.batch_size % num_devices:
         lo = cfg.batch_size // num_devices * num_devices
+        near = " or ".join(map(str, sorted({max(lo, num_devices), lo + num_devices})))  # one value when lo is 0
         raise ConfigError(
             f"batch_size={cfg.batch_size} does not divide over the {num_devices} devices of the batch axes; "
-            f"use a multiple of {num_devices}, e.g. {max(lo, num_devices)} or {lo + num_devices}"
+            f"use a multiple of {num_devices}, e.g. {near}"
         )
     if cfg.batch_size % (num_devices * cfg.accum_steps):
         per = num_devices * cfg.accum_steps
@@ -190,6 +192,16 @@ def _check_data(cfg) -> None:
         pipeline.mixture(cfg.data)
     except ValueError as e:
         raise ConfigError(f"config key 'data.mixture' is {cfg.data.mixture!r}: {e}") from None
+    if not cfg.data.shards.strip():
+        return
+    clash = {"data.mixture": cfg.data.mixture.strip(), "data.cache": cfg.data.cache}
+    clash.update({"data.image_key": cfg.data.image_key != "image", "data.text_key": cfg.data.text_key != "caption"})
+    for key, value in clash.items():
+        if value:
+            raise ConfigError(
+                f"config key '{key}' cannot be combined with data.shards (tar records are 'image' and 'caption', "
+                "read in place); leave it at its default or clear data.shards"
+            )
 
 
 def _check_model(cfg) -> None:

@@ -179,9 +179,24 @@ def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
         if data_state is None:  # written by another number of processes
             _restart_data(cfg, ckpt, step, data_it)
         else:
-            data_it.set_state(data_state)  # this process's own position (each host skips its own bad records)
+            _resume_data(cfg, ckpt, step, data_it, data_state)
         logging.info("resumed from the checkpoint at step %d", step)
     return graphdef, shardings, state
+
+
+def _resume_data(cfg, ckpt, step: int, data_it, data_state) -> None:
+    """This process's own saved position (each host skips its own bad records). Saved over other training data
+    (another record count): refused in one line, or with data.resume_reshuffle started at batch `step`."""
+    try:
+        data_it.set_state(data_state)
+    except pipeline.DataChanged as e:
+        if not cfg.data.resume_reshuffle:
+            raise checkpoint_lib.CheckpointMismatch(
+                f"cannot resume the data of the checkpoint at step {step} in {ckpt.directory}: {e}. Train on the "
+                "same data, or set --config.data.resume_reshuffle=True to continue at that step in the new data's order"
+            ) from None
+        pipeline.start_at(data_it, step)
+        logging.warning("data.resume_reshuffle: %s; starting at batch %d of the new data's order", e, step)
 
 
 def _restart_data(cfg, ckpt, step: int, data_it) -> None:

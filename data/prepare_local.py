@@ -3,8 +3,8 @@
     python data/prepare_local.py folder /data/pets --name pets --data_dir ./tfds_data
     python data/prepare_local.py webdataset '/data/laion/{00000..00099}.tar' --name laion --data_dir ./tfds_data
 
-A folder holds images and captions.jsonl / metadata.jsonl / captions.csv; webdataset takes a glob of tar shards
-(brace ranges like {00000..00099} are expanded to a glob). Train on it with
+A folder holds images and captions.jsonl / metadata.jsonl / captions.csv; webdataset takes tar shards as a path,
+glob or brace range like {00000..00099} (or train from them in place, without this step: data.shards). Train on it with
 --config.data.name=image_text_folder/NAME (or webdataset/NAME) --config.data.data_dir=DATA_DIR.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", required=True, help="the corpus's name (the tfds builder config)")
     parser.add_argument("--data_dir", default="./tfds_data")
     args = parser.parse_args(argv)
-    source = re.sub(r"\{\d+\.\.\d+\}", "*", args.source)  # webdataset brace ranges -> a glob over the same files
+    source = args.source  # brace ranges and globs: expanded by clip_jax.input.shards.expand, local or remote
     datasets.tfds.disable_progress_bar()
     wall = time.perf_counter()
     builder = datasets.prepare_local(KINDS[args.kind], source, args.name, args.data_dir)

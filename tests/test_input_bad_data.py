@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from clip_jax import datasets
-from clip_jax.input import decode, pipeline
+from clip_jax.input import decode, memory, pipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny_cpu  # after the sys.path line
@@ -115,7 +115,7 @@ def test_every_good_example_arrives_and_each_bad_kind_is_counted(cfg, caplog):
     source = datasets.local_source("image_text_folder", "dirty", "train", cfg.data.data_dir)
     order = grain.MapDataset.source(source).seed(cfg.seed).shuffle().repeat(None)
     state = it.get_state()
-    consumed = state["chunk"]["next_index"] * 4 + state["offset"]
+    consumed = state["position"]["chunk"]["next_index"] * 4 + state["position"]["offset"]
     expected = {}
     for i in range(consumed):
         for kind in CORPUS[order[i]["key"].decode()][2]:
@@ -134,7 +134,7 @@ def test_resume_is_exact_mid_chunk(cfg):
     for _ in range(7):
         batches.append(next(it))
         states.append(it.get_state())
-    assert any(s["offset"] for s in states), states  # the case under test occurs
+    assert any(s["position"]["offset"] for s in states), states  # the case under test occurs
     for i in range(5):
         fresh = pipeline.train_iterator(cfg)
         fresh.set_state(states[i])
@@ -234,11 +234,11 @@ def test_in_memory_source_keeps_odd_records_as_stored():
         {"image": np.zeros((5, 5), np.uint8), "captions": {"text": [b"c"]}, "other": 2},
         {"image": b"not an image", "captions": {"text": []}, "other": 3},
     ]
-    cache = pipeline.InMemorySource(_FailingReads(records, bad=1), ("image", "captions/text"))
+    cache = memory.InMemorySource(_FailingReads(records, bad=1), ("image", "captions/text"))
     assert len(cache) == 3 and cache[1] == {decode.UNREADABLE: True}
     assert cache[0]["image"].shape == (4, 6, 3) and cache[2]["image"] == b"not an image"  # mixed: kept as a list
     assert pipeline.field(cache[0], "captions/text") == [b"a", b"b"] and "other" not in cache[0]
-    same = pipeline.InMemorySource(records[:1] * 3, ("image",))
+    same = memory.InMemorySource(records[:1] * 3, ("image",))
     assert isinstance(same.columns["image"], np.ndarray) and same.columns["image"].shape == (3, 4, 6, 3)
 
 

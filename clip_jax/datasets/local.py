@@ -3,9 +3,9 @@
 - `image_text_folder`: a folder of images plus a caption table, `captions.jsonl` / `metadata.jsonl` (one JSON
   object per line) or `captions.csv`, each row naming a file (`file_name` / `image` / `path`, relative to the
   folder) and its caption (`caption` / `text`).
-- `webdataset`: tar shards as written by img2dataset and webdataset: members grouped by key (the file name up
-  to its first dot), an image (`.jpg` `.jpeg` `.png` `.webp`) with a caption (`.txt`, or `.json` with a
-  `caption` / `text` field).
+- `webdataset`: tar shards as written by img2dataset and webdataset (see clip_jax/input/shards.py, which can also
+  train from them in place, with no preparation): members grouped by key (the file name up to its first dot), an
+  image (`.jpg` `.jpeg` `.png` `.webp`) with a caption (`.txt`, or `.json` with a `caption` / `text` field).
 
 Each corpus is one builder config, named by the user: `python data/prepare_local.py folder DIR --name pets`
 writes `<data_dir>/image_text_folder/pets/1.0.0`, read with `--config.data.name=image_text_folder/pets`.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -30,9 +29,9 @@ import tarfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clip_jax.input import shards
+
 log = logging.getLogger(__name__)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-TEXT_EXTS = (".txt", ".json")
 _FILE_KEYS = ("file_name", "image", "path", "file")
 _TEXT_KEYS = ("caption", "text")
 
@@ -53,17 +52,6 @@ def _features():
             "key": tfds.features.Text(),
         }
     )
-
-
-def _caption_from_json(data: bytes):
-    try:
-        row = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(row, dict):
-        return None
-    text = next((row[k] for k in _TEXT_KEYS if k in row), None)
-    return None if text is None else str(text).encode("utf-8", errors="surrogatepass")
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
@@ -145,41 +133,66 @@ def _raw_bytes(text: str) -> bytes:
 
 
 class Webdataset(_LocalBuilder):
-    """Webdataset-style tar shards (see the module docstring)."""
+    """Webdataset-style tar shards (see the module docstring), kept in shard and tar order: record i is sample i
+    of clip_jax.input.shards.TarShards over the same shards, so training from the shards in place or from this
+    copy sees the same examples in the same order for a seed."""
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=_features(), description=__doc__, disable_shuffling=True)
 
     def _generate_examples(self, pattern):
-        shards = sorted(glob.glob(pattern))
-        if not shards:
-            raise FileNotFoundError(f"no tar shards match {pattern!r}")
         counts = collections.Counter()
-        for shard in shards:
-            for key, parts in _samples(shard, counts):
-                image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-                if image is None:
-                    counts["sample_without_image"] += 1
-                    continue
-                caption = parts.get(".txt")
-                if caption is None and ".json" in parts:
-                    caption = _caption_from_json(parts[".json"])
-                if caption is None:
-                    counts["missing_caption_file"] += 1
-                    caption = b""  # kept: the pipeline counts and skips it with the other empty captions
+        for shard in shards.expand(pattern):
+            for key, sample in _shard_samples(shard, counts):
                 uid = f"{os.path.basename(shard)}/{key}"
-                yield uid, {"image": image, "caption": caption, "key": uid}
+                yield uid, {**sample, "key": uid}
         self._report(self.builder_config.name, counts)
 
 
+def _shard_samples(shard: str, counts: collections.Counter):
+    """(key, {'image', 'caption'}) per sample: an uncompressed shard through its index (as shards.TarShards reads
+    it, damage handled alike), a compressed one (.tar.gz, ...) streamed."""
+    try:
+        rows, keys, damage = shards.index_shard(shard)
+    except shards.ShardError:
+        yield from _streamed(shard, counts)
+        return
+    counts.update(damage)
+    with open(shard, "rb") as f:
+
+        def read(offset, size):
+            f.seek(offset)
+            return f.read(size)
+
+        for key, row in zip(keys, rows, strict=True):
+            yield key, shards.read_sample(read, row)
+
+
+def _streamed(shard: str, counts: collections.Counter):
+    for key, parts in _samples(shard, counts):
+        image = next((parts[e] for e in shards.IMAGE_EXTS if e in parts), None)
+        if image is None:
+            counts["sample_without_image"] += 1
+            continue
+        caption = parts.get(".txt")
+        if caption is None and ".json" in parts:
+            caption = shards.caption_from_json(parts[".json"])
+        if caption is None:
+            counts["missing_caption_file"] += 1
+            caption = b""  # kept: the pipeline counts and skips it with the other empty captions
+        yield key, {"image": image, "caption": caption}
+
+
 def _samples(shard: str, counts: collections.Counter):
-    """(key, {ext: bytes}) per sample of one shard, in order; a truncated shard yields what precedes the cut."""
+    """(key, {ext: bytes}) per sample of one compressed shard, in order; a truncated shard yields what precedes
+    the cut."""
     current, parts = None, {}
     try:
         with tarfile.open(shard, "r|*") as tar:  # streaming: members are read in order, never seeked
             for member in tar:
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
-                key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
-                ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+                key, ext = shards.sample_key(member.name)
                 data = tar.extractfile(member).read()
                 if key != current:
                     if parts:

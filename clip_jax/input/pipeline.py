@@ -14,7 +14,7 @@ import grain
 import jax
 import numpy as np
 
-from clip_jax.input import decode, ops
+from clip_jax.input import decode, memory, ops
 from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.input.caption_ids import body_ids
 
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class DataError(RuntimeError):
     """A dataset cannot be opened; the message says how to prepare it."""
+
+
+class DataChanged(DataError):
+    """A saved data position is for other training data (another record count): it cannot be resumed exactly."""
 
 
 def open_source(name: str, split: str, data_dir: str):
@@ -213,10 +217,12 @@ def _named(counts) -> str:
 
 class IssueCounter:
     """The train iterator as the trainer sees it: batches without '_issues', the totals in `.counts`, logged
-    when they change (at most every `log_every_s` seconds); get_state/set_state pass through to grain."""
+    when they change (at most every `log_every_s` seconds). Its state is grain's plus `records`, the record count
+    of each training source: set_state raises DataChanged for a state saved over other data, whose positions
+    would silently mean other examples (shards added to a corpus, another dataset)."""
 
-    def __init__(self, iterator, log_every_s: float = 60.0):
-        self.iterator, self.log_every_s = iterator, log_every_s
+    def __init__(self, iterator, records: tuple = (), log_every_s: float = 60.0):
+        self.iterator, self.log_every_s, self.records = iterator, log_every_s, list(records)
         self.totals = np.zeros(len(decode.KINDS), np.int64)
         self._logged, self._last_log = self.totals.copy(), -float("inf")
 
@@ -237,10 +243,18 @@ class IssueCounter:
         return batch
 
     def get_state(self):
-        return self.iterator.get_state()
+        return {"position": self.iterator.get_state(), "records": self.records}
 
     def set_state(self, state):
-        self.iterator.set_state(state)
+        if not (isinstance(state, dict) and state.keys() == {"position", "records"}):
+            self.iterator.set_state(state)  # grain's own state: checkpoints from before `records`, start_at
+            return
+        if list(state["records"]) != self.records:
+            raise DataChanged(
+                f"the training data has {self.records} records now and had {list(state['records'])} when the "
+                "checkpoint was written, so its data position means other examples"
+            )
+        self.iterator.set_state(state["position"])
 
 
 def start_at(iterator, index: int) -> None:
@@ -270,70 +284,11 @@ def prefetch_to_device(iterator, size: int, mesh):
     return prefetch.DevicePrefetch(iterator, size, mesh)
 
 
-class InMemorySource:
-    """A split read once into host memory: random access without re-reading or re-decoding records.
-
-    For datasets small enough to hold (the embedded 50k 32x32 shapes are ~150 MB), this removes the per-step
-    record unpacking and PNG decoding that otherwise takes a large share of a small CPU machine. Only the
-    features the pipeline reads are kept, as stored: the images and captions still pass through _Preprocess,
-    so bad ones are skipped and counted exactly as when streaming; a record the storage cannot return becomes
-    the same unreadable marker as in _SafeSource (it used to abort the whole cache).
-    """
-
-    def __init__(self, source, keys):
-        keys = list(dict.fromkeys(k.split("/")[0] for k in keys))  # nested 'captions/text' lives in 'captions'
-        parts, self.unreadable = {k: [] for k in keys}, set()
-        chunk = 1024
-        for start in range(0, len(source), chunk):
-            for i, record in zip(range(start, min(start + chunk, len(source))), _read_chunk(source, start, chunk)):
-                if record is None:
-                    self.unreadable.add(i)
-                for k in keys:
-                    parts[k].append(None if record is None else record.get(k))
-        self.columns = {k: _column(v) for k, v in parts.items()}
-        self.length = len(source)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        if index in self.unreadable:
-            return {decode.UNREADABLE: True}
-        return {k: v[index] for k, v in self.columns.items()}
-
-
-def _read_chunk(source, start: int, size: int) -> list:
-    """Records start..start+size of `source`, None for each one that cannot be read."""
-    indices = list(range(start, min(start + size, len(source))))
-    if hasattr(source, "__getitems__"):  # tfds' batched read: much faster than one record at a time
-        try:
-            return list(source.__getitems__(indices))
-        except Exception as e:  # noqa: BLE001  one bad record fails the whole chunk: read it record by record
-            log.info("cache: a chunk read failed (%s); reading its records one by one", _one_line(e))
-    out = []
-    for i in indices:
-        try:
-            out.append(source[i])
-        except Exception:  # noqa: BLE001  storage and feature decoding raise many types
-            out.append(None)
-    return out
-
-
-def _column(values: list):
-    """One array when every value is an array of one shape and dtype (compact, fast to index), else the list."""
-    first = values[0] if values else None
-    if isinstance(first, np.ndarray) and all(
-        isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype for v in values
-    ):
-        return np.stack(values)
-    return values
-
-
 @functools.lru_cache(maxsize=2)
-def decoded_source(name: str, split: str, data_dir: str, keys: tuple) -> InMemorySource:
+def decoded_source(name: str, split: str, data_dir: str, keys: tuple) -> memory.InMemorySource:
     """data.cache's decoded split, once per process: a batch-size sweep trains many runs on the same split in one
     process, and decoding the 50k shapes takes ~25 s of CPU each time. Read-only, so runs can share it."""
-    return InMemorySource(open_source(name, split, data_dir), keys)
+    return memory.InMemorySource(open_source(name, split, data_dir), keys)
 
 
 def mixture(data) -> list[tuple[str, float]]:
@@ -353,6 +308,37 @@ def mixture(data) -> list[tuple[str, float]]:
     return out
 
 
+def train_sources(cfg) -> list[tuple[str, object, float]]:
+    """[(name, random-access source, mixture weight)] of the training data: data.shards (tar shards read in place,
+    input/shards.py), else data.mixture or data.name (tfds; decoded into memory with data.cache). A record the
+    storage cannot return reads as a marker the pipeline counts and skips. Raises DataError (one line) when a
+    dataset or the shards cannot be opened."""
+    d = cfg.data
+    if d.shards.strip():
+        index_dir = d.shard_index_dir or os.path.join(d.data_dir, "shard_index")
+        return [(d.shards, _SafeSource(tar_source(d.shards.strip(), index_dir)), 1.0)]
+    out = []
+    for name, weight in mixture(d):
+        if d.cache:
+            keys = (d.image_key, d.text_key)
+            source = decoded_source(name, d.train_split, os.path.abspath(d.data_dir), keys)
+        else:
+            source = _SafeSource(open_source(name, d.train_split, d.data_dir))
+        out.append((name, source, weight))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def tar_source(pattern: str, index_dir: str):
+    """shards.TarShards(pattern, index_dir), once per process (the preflight check and the run share it)."""
+    from clip_jax.input import shards
+
+    try:
+        return shards.TarShards(pattern, index_dir)
+    except (shards.ShardError, OSError) as e:
+        raise DataError(_one_line(e)) from None
+
+
 def train_iterator(cfg):
     """Endless iterator of host-local batches {'image': [b,H,W,3] f32, 'tokens': [b,L] i32}; has get/set_state.
 
@@ -364,12 +350,8 @@ def train_iterator(cfg):
         raise ValueError(f"batch_size={cfg.batch_size} does not divide over {pc} hosts")
     local = cfg.batch_size // pc
     parts, weights = [], []
-    for i, (name, weight) in enumerate(mixture(cfg.data)):
-        if cfg.data.cache:
-            keys = (cfg.data.image_key, cfg.data.text_key)
-            source = decoded_source(name, cfg.data.train_split, os.path.abspath(cfg.data.data_dir), keys)
-        else:
-            source = _SafeSource(open_source(name, cfg.data.train_split, cfg.data.data_dir))
+    sources = train_sources(cfg)
+    for i, (_, source, weight) in enumerate(sources):
         # Each source is shuffled and repeated on its own before mixing, so the weights hold at every scale.
         parts.append(grain.MapDataset.source(source).seed(cfg.seed + i).shuffle().repeat(None))
         weights.append(weight)
@@ -377,8 +359,8 @@ def train_iterator(cfg):
     # Chunks of `local` processed examples (a plain list each): the unit of prefetching; GoodBatches re-cuts
     # them into full batches of good examples.
     ds = ds[pi::pc].map_with_index(_Preprocess(cfg)).batch(local, batch_fn=list)
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
+    read = grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=max(1, cfg.data.prefetch))
     it_ds = GoodBatches(ds.to_iter_dataset(read), local, max_skips=max(1000, 100 * local))
     if cfg.data.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
-    return IssueCounter(iter(it_ds))
+    return IssueCounter(iter(it_ds), records=[len(source) for _, source, _ in sources])
