@@ -127,7 +127,8 @@ def machine(core: int) -> str:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     load = os.getloadavg()
     ps = ["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu"]
-    busy = [line.split() for line in subprocess.run(ps, check=False, capture_output=True, text=True).stdout.splitlines()]
+    listing = subprocess.run(ps, check=False, capture_output=True, text=True).stdout
+    busy = [line.split() for line in listing.splitlines()]
     others = [f"{name} {cpu}%" for pid, cpu, name in busy[1:] if pid != str(os.getpid())][:4]
     return (
         f"{model}, {os.cpu_count()} cores (this run pinned to core {core}); load average at the end "
@@ -202,7 +203,8 @@ def write(rows, args, n_photos: int, where: str) -> None:
             f"{med['ours'] / med['open_clip']:.2f} | {med['exact'] / med['open_clip']:.2f} | {diff:.2f} | {red} |"
         )
     lines.append(
-        f"| all (equal count per size) | | {total['ours']:.1f} | {total['exact']:.1f} | {total['open_clip']:.1f} | "
+        f"| all (equal count per size) | | {total['ours']:.1f} | {total['exact']:.1f} | "
+        f"{total['open_clip']:.1f} | "
         f"{total['ours'] / total['open_clip']:.2f} | {total['exact'] / total['open_clip']:.2f} | | |"
     )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

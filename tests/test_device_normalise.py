@@ -33,7 +33,7 @@ def _step(cfg, batch):
     return jax.device_get(metrics), jax.device_get(new["params"])
 
 
-# accum_steps 2: normalised once, then GradCache splits the float batch; 1 is the same line, so it runs with -m slow.
+# accum_steps 2: normalised once, then GradCache splits the float batch; 1 is the same line: it runs with -m slow.
 @pytest.mark.parametrize("accum_steps", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_uint8_batch_takes_the_step_of_the_host_normalised_batch(tmp_path, accum_steps):
     cfg = small_config(tmp_path, accum_steps=accum_steps)

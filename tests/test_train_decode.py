@@ -112,7 +112,8 @@ def test_resize_view_reduces_too_and_squashes_the_whole_image():
 def test_issue_bits_and_skips_are_decode_images(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # the bad-data corpus' stand-in for a bomb
     values = [v[0] for v in CORPUS.values() if v[0] is not None] + list(STORED)
-    values += [v[0] for v in TRANSPARENT.values()] + [b"", np.zeros((3, 3), np.uint8), np.zeros((9, 9, 2), np.uint16)]
+    values += [v[0] for v in TRANSPARENT.values()]
+    values += [b"", np.zeros((3, 3), np.uint8), np.zeros((9, 9, 2), np.uint16)]  # not bytes; tiny; grey + alpha
     for value in values:
         rgb, bits = decode.image(value, 32, 8)
         view, got = ops.train_image(value, 32, 8, np.random.default_rng(0), "inception", 0.5, True)

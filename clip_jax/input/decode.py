@@ -30,7 +30,9 @@ CONVERT_KINDS = (
     "alpha_image",  # any transparency (alpha band, tRNS colour, transparent palette entry): composited over white
     "palette_image",  # GIF-style indexed colours (with or without a transparent index)
     "other_mode_image",  # 16-bit, float, YCbCr, LAB, ...
-    "large_image",  # a side over 4x the training size (JPEGs are decoded at reduced scale: draft mode)
+    # A side over 4x the image size. Evaluation decodes such JPEGs at reduced scale (>= 4x the size, draft mode);
+    # training reduces any JPEG as far as its crop allows (cropped), counted here by the same rule.
+    "large_image",
     "rotated_image",  # an EXIF Orientation tag other than 1: turned upright, as photo viewers show it
     "bad_exif",  # EXIF data Pillow could only partly read (or not at all): what it read is used, the rest ignored
     "non_utf8_caption",  # bytes that are not UTF-8: decoded with replacement characters

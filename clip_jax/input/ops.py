@@ -98,10 +98,11 @@ def train_image(
     """One training view of a stored image: (uint8 [size, size, 3] or None, decode's issue bits); never raises
     on bad data (decode.cropped's skips), ValueError for an unknown `crop` or `resample` name.
 
-    `value`: encoded bytes or a decoded array, as decode.image takes. `crop`: `inception` draws crop_box (torchvision
-    RandomResizedCrop's box, `min_area`..1 of the area) on the upright full-size image, `resize` takes the whole
-    image. A JPEG is decoded at the largest DCT reduction 1/2^k that leaves the crop >= `size` on both sides; the
-    crop is resized to size x size with Pillow's `resample` filter straight from the decoded image (Pillow's box
+    `value`: encoded bytes or a decoded array, as decode.image takes. `crop`: `inception` draws crop_box
+    (torchvision RandomResizedCrop's box, `min_area`..1 of the area) on the upright full-size image, `resize`
+    takes the whole image. A JPEG is decoded at the largest DCT-domain reduction 1/2, 1/4 or 1/8 (libjpeg's
+    scaled decoding, Pillow's draft mode) that leaves the crop >= `size` on both sides (decode.cropped); the crop
+    is then resized to size x size with Pillow's `resample` filter straight from the decoded image (Pillow's box
     argument), or, when no reduction applied, cropped then resized (torchvision's resized_crop, pixel for
     pixel). Then mirrored left-right with probability 1/2 if `flip`. Random draws, in order: crop, flip."""
     if crop not in TRAIN_CROPS:
