@@ -18,7 +18,7 @@ from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, warm_start
 from clip_jax.evaluate import suite as eval_suite
-from clip_jax.input import pipeline, preflight
+from clip_jax.input import ops, pipeline, preflight
 from clip_jax.models.families import FAMILIES
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
 
@@ -79,8 +79,20 @@ def total_loss(out, cfg, mesh):
     return loss, aux
 
 
+def normalise_images(batch, cfg):
+    """batch with 'image' as the towers take it: uint8 pixels [B, H, W, 3] (the train pipeline's) -> float32
+    (x/255 - mean) / std with data.image_mean / data.image_std (ops.to_float's constants, so the same numbers as
+    a host-normalised batch to float32 rounding); a floating-point image is taken as normalised already."""
+    if batch["image"].dtype != jnp.uint8:
+        return batch
+    return {**batch, "image": ops.to_float(batch["image"], cfg.data.image_mean, cfg.data.image_std)}
+
+
 def train_step(state, batch, *, graphdef, opt, cfg, mesh):
-    """One optimizer step. Pure: (state, batch) -> (new state, metrics). A non-finite loss leaves state unchanged."""
+    """One optimizer step. Pure: (state, batch) -> (new state, metrics). A non-finite loss leaves state unchanged.
+    batch: 'image' uint8 [B, H, W, 3] normalised here, on the devices, once for the whole batch (before GradCache
+    splits it), or float32 normalised already; 'tokens' int32 [B, L]."""
+    batch = normalise_images(batch, cfg)
     # Frozen parameters (optim.freeze) ride along as constants: no gradient is computed for them.
     trainable, frozen = optim.split(state["params"], optim.frozen_paths(cfg, state["params"]))
     # With cfg.accum_steps > 1 the gradient is GradCache's: still the loss of the whole batch (grad_cache.py).
@@ -125,7 +137,7 @@ def compile_step(cfg, mesh, opt, graphdef, shardings):
 def abstract_batch(cfg):
     s = cfg.model.image.image_size
     return {
-        "image": jax.ShapeDtypeStruct((cfg.batch_size, s, s, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((cfg.batch_size, s, s, 3), jnp.uint8),  # as the train pipeline sends it
         "tokens": jax.ShapeDtypeStruct((cfg.batch_size, cfg.model.text.max_len), jnp.int32),
     }
 

@@ -68,7 +68,8 @@ def test_each_crop_name_selects_its_own_geometry():
     image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)  # landscape: crops differ
     views = [ops.eval_view(image, 16, crop) for crop in ops.EVAL_CROPS]
     assert all(v.shape == (16, 16, 3) for v in views) and not np.allclose(views[0], views[1])
-    views = [ops.train_view(image, 16, np.random.default_rng(1), crop, 0.3, False) for crop in ops.TRAIN_CROPS]
+    rng = np.random.default_rng
+    views = [ops.train_image(image, 16, 1, rng(1), crop, 0.3, False)[0] for crop in ops.TRAIN_CROPS]
     assert all(v.shape == (16, 16, 3) for v in views) and not np.allclose(views[0], views[1])
 
 

@@ -109,8 +109,9 @@ def test_folder_with_csv_trains_through_the_pipeline(tmp_path):
     batch = next(pipeline.train_iterator(cfg))
     tok = pipeline.tokenizer_lib.make(cfg)
     assert sorted(batch["tokens"][:, 2].tolist()) == sorted(tok.word_id(f"number{i}") for i in range(8))
-    # Pixels survive storage: the red channel encodes i * 30.
-    reds = sorted(np.round((batch["image"][:, 0, 0, 0] + 1) * 127.5).astype(int).tolist())
+    # Pixels survive storage (uint8 to the devices): the red channel encodes i * 30.
+    assert batch["image"].dtype == np.uint8
+    reds = sorted(batch["image"][:, 0, 0, 0].astype(int).tolist())
     assert reds == [i * 30 for i in range(8)]
 
 

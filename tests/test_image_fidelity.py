@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import ExifTags, Image, ImageOps
 
 from clip_jax import config as config_lib
-from clip_jax import optim, sharding
+from clip_jax import optim, sharding, train
 from clip_jax import state as run_state
 from clip_jax.evaluate import captioning, common, linear_probe, retrieval, suite
 from clip_jax.input import decode, eval_data, ops, pipeline
@@ -385,7 +385,8 @@ def test_caption_cli_matches_transformers_load_image(public_set, tmp_path):
 
 
 def test_training_view(public_set):
-    """The train pipeline's 'resize' view of a sideways photo is SigLIP's processor applied to the upright one."""
+    """The train pipeline's 'resize' view of a sideways photo, normalised as the train step does on the devices,
+    is SigLIP's processor applied to the upright one."""
     cfg, _ = public_set
     cfg = cfg.copy_and_resolve_references()
     cfg.data.train_crop, cfg.data.flip = "resize", False
@@ -394,4 +395,6 @@ def test_training_view(public_set):
     processor = _hf_processor("siglip", 32)
     for data in STORED:
         out = prep.map_with_index(0, {"image": data, "caption": b"a photo"})
-        _close(out["image"], _hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))
+        assert out["image"].dtype == np.uint8
+        on_device = np.asarray(train.normalise_images({"image": jax.numpy.asarray(out["image"])}, cfg)["image"])
+        _close(on_device, _hf_view(processor, ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))

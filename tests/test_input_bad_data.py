@@ -145,7 +145,7 @@ def test_resume_is_exact_mid_chunk(cfg):
 
 
 def test_all_bad_data_raises_instead_of_spinning(cfg, monkeypatch):
-    monkeypatch.setattr(decode, "image", lambda *a, **k: (None, decode.BIT["undecodable_image"]))
+    monkeypatch.setattr(decode, "cropped", lambda *a, **k: (None, None, decode.BIT["undecodable_image"]))
     it = pipeline.train_iterator(cfg)
     with pytest.raises(pipeline.DataError, match="bad records in a row.*undecodable_image"):
         next(it)

@@ -46,14 +46,14 @@ def test_centre_crop_keeps_the_middle():
 
 def test_flip_mirrors_about_half_the_views():
     img = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    plain = ops.to_float(img)
     flipped = 0
     for seed in range(40):
-        view = ops.train_view(img, 32, np.random.default_rng(seed), "resize", 1.0, True)
-        if np.array_equal(view, plain[:, ::-1]):
+        view, bits = ops.train_image(img, 32, 1, np.random.default_rng(seed), "resize", 1.0, True)
+        assert view.dtype == np.uint8 and bits == 0
+        if np.array_equal(view, img[:, ::-1]):
             flipped += 1
         else:
-            np.testing.assert_array_equal(view, plain)
+            np.testing.assert_array_equal(view, img)
     assert 10 <= flipped <= 30
 
 
@@ -85,6 +85,7 @@ def test_augmented_training_is_deterministic_and_resumable(photos):
     next(it)
     state = it.get_state()
     want = [next(it) for _ in range(4)]  # crosses an epoch: the second epoch's crops are new draws
+    assert all(w["image"].dtype == np.uint8 and w["image"].shape == (8, 32, 32, 3) for w in want)  # to the devices
     fresh = pipeline.train_iterator(photos)
     fresh.set_state(state)
     for w in want:

@@ -30,7 +30,9 @@ CONVERT_KINDS = (
     "alpha_image",  # any transparency (alpha band, tRNS colour, transparent palette entry): composited over white
     "palette_image",  # GIF-style indexed colours (with or without a transparent index)
     "other_mode_image",  # 16-bit, float, YCbCr, LAB, ...
-    "large_image",  # a side over 4x the training size: decoded at reduced scale (JPEG draft mode)
+    # A side over 4x the image size. Evaluation decodes such JPEGs at reduced scale (>= 4x the size, draft mode);
+    # training reduces any JPEG as far as its crop allows (cropped), counted here by the same rule.
+    "large_image",
     "rotated_image",  # an EXIF Orientation tag other than 1: turned upright, as photo viewers show it
     "bad_exif",  # EXIF data Pillow could only partly read (or not at all): what it read is used, the rest ignored
     "non_utf8_caption",  # bytes that are not UTF-8: decoded with replacement characters
@@ -105,28 +107,85 @@ def _exif_warning(w: warnings.WarningMessage) -> bool:
     return w.filename.endswith("TiffImagePlugin.py") or "exif" in str(w.message).lower()
 
 
-def _open(data: bytes, size: int, min_side: int) -> tuple[Image.Image | None, int]:
+def _open(data: bytes, size: int, min_side: int, pick=None) -> tuple[Image.Image | None, tuple | None, int]:
+    """Decoded, upright image (any mode) or None, the box `pick` chose mapped into its pixels (None without
+    `pick`), and the issue bits. Without `pick` (evaluation), a JPEG with a side over 4 * size is decoded at the
+    reduction that keeps >= 4 * size; with it, at the largest that keeps the picked crop >= size (see _draft)."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        return None, BIT["oversized_image"]
+        return None, None, BIT["oversized_image"]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None, BIT["undecodable_image"]
+        return None, None, BIT["undecodable_image"]
     if min(img.size) < min_side:
-        return None, BIT["tiny_image"]
-    bits = 0
-    if max(img.size) > 4 * size:
-        bits |= BIT["large_image"]
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost; keep >= 4x the training size so a
-        # small random crop still has full resolution.
+        return None, None, BIT["tiny_image"]
+    bits = BIT["large_image"] if max(img.size) > 4 * size else 0
+    plan = None
+    if pick is not None:
+        plan = _draft(img, size, pick)
+    elif bits:  # JPEG decodes at 1/2, 1/4, 1/8 scale for a fraction of the cost: >= 4x keeps detail for any use
         img.draft("RGB", (4 * size, 4 * size))
     try:
         img.load()
     except OSError as e:
-        return None, BIT["truncated_image" if "truncated" in str(e) else "undecodable_image"]
+        return None, None, BIT["truncated_image" if "truncated" in str(e) else "undecodable_image"]
     except Exception:  # noqa: BLE001  Pillow plugins raise many types on corrupt data; any of them is one skip
-        return None, BIT["undecodable_image"]
-    return img, bits | _upright(img)  # after draft mode: the reduced image is turned, whatever its scale
+        return None, None, BIT["undecodable_image"]
+    bits |= _upright(img)  # after draft mode: the reduced image is turned, whatever its scale
+    if pick is None:
+        return img, None, bits
+    if plan is None:  # not a JPEG: the box is drawn on the decoded, upright image
+        top, left, h, w = pick(img.size[1], img.size[0])
+        return img, (left, top, left + w, top + h), bits
+    return img, _box_in(img.size, *plan), bits
+
+
+# EXIF orientation -> whether the upright image's (x, y) axes run backwards through the stored pixels (Pillow's
+# exif_transpose: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 270, 7 transverse, 8 rotate 90).
+_REVERSED = {2: (1, 0), 3: (1, 1), 4: (0, 1), 6: (1, 0), 7: (1, 1), 8: (0, 1)}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF Orientation (1..8) a JPEG's header declares, read before decoding; 1 if absent or unreadable
+    (exactly when exif_transpose leaves the pixels as stored)."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001  corrupt EXIF: _upright counts it
+        return 1
+    return int(value) if isinstance(value, (int, float)) and value in range(1, 9) else 1
+
+
+def _draft(img: Image.Image, size: int, pick) -> tuple | None:
+    """For a JPEG, before decoding: the crop box drawn by pick(height, width) on the upright full-size image, and
+    draft mode set to the largest DCT reduction 1/s (s in 8, 4, 2) that leaves that crop >= size pixels on both
+    sides. Returns (box, upright full size, s, orientation), or None for other formats (drawn after decoding)."""
+    if img.format != "JPEG":
+        return None
+    orientation = _orientation(img)
+    w, h = img.size[::-1] if orientation >= 5 else img.size  # 5..8 swap width and height
+    box = pick(h, w)
+    s = next((s for s in (8, 4, 2) if min(box[2], box[3]) >= s * size), 1)
+    if s > 1:
+        img.draft("RGB", (img.size[0] // s, img.size[1] // s))  # Pillow picks the scale s for exactly this size
+    return box, (w, h), s, orientation
+
+
+def _box_in(decoded: tuple, box: tuple, full: tuple, s: int, orientation: int) -> tuple:
+    """(top, left, height, width) in the upright full-size image -> Pillow's (left, upper, right, lower) in the
+    upright decoded one. A JPEG decoded at 1/s maps stored pixel x to x / s, its size rounded up; an upright axis
+    that runs backwards through the stored pixels is shifted by that rounding. If the decoded size is not the
+    expected one (draft mode refused), the box scales with the sizes."""
+    top, left, h, w = box
+    expected = (-(-full[0] // s), -(-full[1] // s))
+    if decoded != expected:
+        fx, fy, ox, oy = decoded[0] / full[0], decoded[1] / full[1], 0.0, 0.0
+    else:
+        rx, ry = _REVERSED.get(orientation, (0, 0))
+        fx = fy = 1.0 / s
+        ox, oy = rx * (decoded[0] - full[0] / s), ry * (decoded[1] - full[1] / s)
+    if (fx, fy, ox, oy) == (1.0, 1.0, 0.0, 0.0):
+        return left, top, left + w, top + h  # full scale: whole pixels
+    return left * fx + ox, top * fy + oy, (left + w) * fx + ox, (top + h) * fy + oy
 
 
 def _array_to_rgb(arr: np.ndarray, min_side: int) -> tuple[np.ndarray | None, int]:
@@ -164,25 +223,48 @@ def image(value, size: int, min_side: int) -> tuple[np.ndarray | None, int]:
     """
     if isinstance(value, np.ndarray) and value.dtype != object:
         return _array_to_rgb(value, min_side)
+    img, _, bits = _encoded(value, size, min_side, None)
+    return (None if img is None else np.asarray(img, np.uint8)), bits
+
+
+def cropped(value, size: int, min_side: int, pick) -> tuple[Image.Image | None, tuple | None, int]:
+    """A training crop's source: (upright RGB Pillow image or None, crop box, issue bits); never raises.
+
+    `value` as for `image` (same conversions, issues and skips). pick(height, width) -> (top, left, crop height,
+    crop width) draws the crop on the upright full-size image, before any pixel is decoded for a JPEG, which is
+    then decoded at the largest DCT reduction 1/2, 1/4 or 1/8 (Pillow's draft mode) that leaves the crop at >=
+    `size` pixels on both sides. The box is Pillow's (left, upper, right, lower) in the returned image's pixels:
+    whole pixels at full scale, else fractional (the crop's exact place in the reduced image).
+    """
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        rgb, bits = _array_to_rgb(value, min_side)
+        if rgb is None:
+            return None, None, bits
+        top, left, h, w = pick(rgb.shape[0], rgb.shape[1])
+        return Image.fromarray(rgb), (left, top, left + w, top + h), bits
+    return _encoded(value, size, min_side, pick)
+
+
+def _encoded(value, size: int, min_side: int, pick) -> tuple[Image.Image | None, tuple | None, int]:
     if isinstance(value, np.ndarray):  # a 0-d object array holding the bytes
         value = value.item()
     if not isinstance(value, (bytes, bytearray)) or not value:
-        return None, BIT["undecodable_image"]
+        return None, None, BIT["undecodable_image"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # Pillow's per-file warnings (EXIF, decompression bomb) become counts
-        rgb, bits = _decode(bytes(value), size, min_side)
-    return rgb, bits | (BIT["bad_exif"] if any(_exif_warning(w) for w in caught) else 0)
+        img, box, bits = _decode(bytes(value), size, min_side, pick)
+    return img, box, bits | (BIT["bad_exif"] if any(_exif_warning(w) for w in caught) else 0)
 
 
-def _decode(data: bytes, size: int, min_side: int) -> tuple[np.ndarray | None, int]:
-    img, bits = _open(data, size, min_side)
+def _decode(data: bytes, size: int, min_side: int, pick) -> tuple[Image.Image | None, tuple | None, int]:
+    img, box, bits = _open(data, size, min_side, pick)
     if img is None:
-        return None, bits
+        return None, None, bits
     try:
         img, more = _to_rgb(img)
     except Exception:  # noqa: BLE001  a conversion of a half-valid file is one skip, not a crash
-        return None, BIT["undecodable_image"]
-    return np.asarray(img, np.uint8), bits | more
+        return None, None, BIT["undecodable_image"]
+    return img, box, bits | more
 
 
 def caption(value, max_tokens: int, rng: np.random.Generator | None = None) -> tuple[str | None, int]:

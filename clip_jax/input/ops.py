@@ -1,18 +1,22 @@
-"""Image geometry for training and evaluation: uint8 HxWx3 in, float32 [size, size, 3] out, normalised as
-(x/255 - mean) / std per channel: [-1, 1] with the default mean = std = 0.5 (data.image_mean / data.image_std).
+"""Image geometry for training and evaluation.
 
-Training: `resize` squashes the whole image to a square (what the embedded sets need: their captions name
-positions, and every pixel is at the final size already), or `inception` takes CLIP's random-resized crop (a
-random area fraction and aspect ratio, then resize; the box follows torchvision's RandomResizedCrop), optionally
-flipped. Evaluation: `resize` (SigLIP's image processor), or `centre` (shorter side to `size`, then the central
-square: CLIP's image processor), the standard zero-shot protocol for photos. Resizing is Pillow's bicubic on
-uint8, as in transformers' PIL image processors.
+Training (`train_image`): stored image -> uint8 [size, size, 3], sent to the devices as uint8 and normalised
+there (train.normalise_images; 4x less host-to-device traffic than float32). `resize` squashes the whole image to
+a square (what the embedded sets need: their captions name positions, and every pixel is at the final size
+already), or `inception` takes CLIP's random-resized crop (a random area fraction and aspect ratio, then resize;
+the box follows torchvision's RandomResizedCrop), optionally flipped. Evaluation (`eval_view`): `resize`
+(SigLIP's image processor), or `centre` (shorter side to `size`, then the central square: CLIP's image
+processor), the standard zero-shot protocol for photos, normalised on the host to float32 [size, size, 3] as
+(x/255 - mean) / std per channel: [-1, 1] with the default mean = std = 0.5 (data.image_mean / data.image_std).
+Resizing is Pillow's bicubic on uint8, as in transformers' PIL image processors.
 """
 
 import math
 
 import numpy as np
 from PIL import Image
+
+from clip_jax.input import decode
 
 TRAIN_CROPS = ("resize", "inception")
 # data.resample: Pillow's filter for every resize (training and evaluation). Bicubic is CLIP's and SigLIP's image
@@ -33,8 +37,10 @@ _ASPECT = (3 / 4, 4 / 3)  # the crop's width/height range (log-uniform), as in I
 _TRIES = 10  # random crop proposals before falling back to the centre crop
 
 
-def to_float(image: np.ndarray, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
-    # One multiply-add, x * 1/(255 std) - mean/std; with mean = std = 0.5 that is x * 2/255 - 1 bit for bit.
+def to_float(image, mean=DEFAULT_MEAN, std=DEFAULT_STD):
+    """uint8 pixels [..., 3] -> float32 (x/255 - mean) / std per channel, as one multiply-add x * 1/(255 std) -
+    mean/std in float32 (with mean = std = 0.5 that is x * 2/255 - 1 bit for bit). `image` is a numpy array (the
+    host, evaluation) or a jax array (the devices, training: train.normalise_images): the same constants."""
     scale = np.asarray([1.0 / (255.0 * s) for s in std], np.float32)
     offset = np.asarray([m / s for m, s in zip(mean, std)], np.float32)
     return image.astype(np.float32) * scale - offset
@@ -86,32 +92,39 @@ def crop_box(h: int, w: int, rng: np.random.Generator, min_area: float) -> tuple
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def inception_crop(
-    image: np.ndarray, size: int, rng: np.random.Generator, min_area: float, resample: str = "bicubic"
-) -> np.ndarray:
-    top, left, ch, cw = crop_box(image.shape[0], image.shape[1], rng, min_area)
-    return resize(np.ascontiguousarray(image[top : top + ch, left : left + cw]), size, resample)
+def train_image(
+    value, size: int, min_side: int, rng, crop: str, min_area: float, flip: bool, resample: str = "bicubic"
+) -> tuple[np.ndarray | None, int]:
+    """One training view of a stored image: (uint8 [size, size, 3] or None, decode's issue bits); never raises
+    on bad data (decode.cropped's skips), ValueError for an unknown `crop` or `resample` name.
 
-
-def train_view(
-    image: np.ndarray,
-    size: int,
-    rng: np.random.Generator,
-    crop: str,
-    min_area: float,
-    flip: bool,
-    mean=DEFAULT_MEAN,
-    std=DEFAULT_STD,
-    resample: str = "bicubic",
-):
-    """One training view of a uint8 image, as normalised float32."""
+    `value`: encoded bytes or a decoded array, as decode.image takes. `crop`: `inception` draws crop_box
+    (torchvision RandomResizedCrop's box, `min_area`..1 of the area) on the upright full-size image, `resize`
+    takes the whole image. A JPEG is decoded at the largest DCT-domain reduction 1/2, 1/4 or 1/8 (libjpeg's
+    scaled decoding, Pillow's draft mode) that leaves the crop >= `size` on both sides (decode.cropped); the crop
+    is then resized to size x size with Pillow's `resample` filter straight from the decoded image (Pillow's box
+    argument), or, when no reduction applied, cropped then resized (torchvision's resized_crop, pixel for
+    pixel). Then mirrored left-right with probability 1/2 if `flip`. Random draws, in order: crop, flip."""
+    if crop not in TRAIN_CROPS:
+        raise ValueError(f"train crop {crop!r} is not one of {TRAIN_CROPS} (set data.train_crop)")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample filter {resample!r} is not one of {tuple(RESAMPLE)} (set data.resample)")
     if crop == "inception":
-        out = inception_crop(image, size, rng, min_area, resample)
+        pick = lambda h, w: crop_box(h, w, rng, min_area)
     else:
-        out = resize(image, size, resample)
+        pick = lambda h, w: (0, 0, h, w)
+    img, box, bits = decode.cropped(value, size, min_side, pick)
+    if img is None:
+        return None, bits
+    if all(float(v).is_integer() for v in box):  # whole pixels: crop, then resize the crop alone
+        box = tuple(int(v) for v in box)
+        img = img if box == (0, 0, *img.size) else img.crop(box)
+        view = img if img.size == (size, size) else img.resize((size, size), RESAMPLE[resample])
+    else:
+        view = img.resize((size, size), RESAMPLE[resample], box=box)
     if flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return to_float(out, mean, std)
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view, np.uint8), bits
 
 
 def eval_view(

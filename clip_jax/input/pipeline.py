@@ -81,7 +81,9 @@ def field(record, key: str):
 
 
 class _Preprocess(grain.transforms.MapWithIndex):
-    """(index, record) -> {'image', 'tokens', '_issues'}, or {'_issues'} alone for a record to skip.
+    """(index, record) -> {'image': uint8 [H, W, 3], 'tokens', '_issues'}, or {'_issues'} alone for a record to
+    skip. The image is ops.train_image's view (decoded at reduced scale where the crop allows); it is normalised
+    with data.image_mean/std on the devices (train.normalise_images), not here.
 
     A module-level class so grain worker processes can pickle it. Crops, flips and the choice among several
     captions draw from a generator seeded by (seed, host, index): deterministic, the same after a resume, new
@@ -98,7 +100,7 @@ class _Preprocess(grain.transforms.MapWithIndex):
         self.seed, self.size = cfg.seed, cfg.model.image.image_size
         self.host, self.hosts = jax.process_index(), jax.process_count()
         self.random_view = d.train_crop != "resize" or d.flip
-        self.mean, self.std, self.resample = d.image_mean, d.image_std, d.resample
+        self.resample = d.resample
         self.tok = tokenizer_lib.make(cfg)
 
     def map_with_index(self, index, record):
@@ -116,12 +118,12 @@ class _Preprocess(grain.transforms.MapWithIndex):
         tokens = self.tok.encode(text)
         if not body_ids(tokens, self.tok, drop=(self.tok.bos_id,)):  # blank once cleaned: "&nbsp;", "!!!" (hashed)
             return {"_issues": bits | decode.BIT["empty_caption"]}
-        rgb, more = decode.image(field(record, self.image_key), self.size, self.min_side)
-        if rgb is None:
-            return {"_issues": bits | more}
-        image = ops.train_view(
-            rgb, self.size, rng, self.crop, self.min_area, self.flip, self.mean, self.std, self.resample
+        value = field(record, self.image_key)
+        image, more = ops.train_image(
+            value, self.size, self.min_side, rng, self.crop, self.min_area, self.flip, self.resample
         )
+        if image is None:
+            return {"_issues": bits | more}
         return {"image": image, "tokens": tokens, "_issues": bits | more}
 
 
