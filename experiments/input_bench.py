@@ -5,7 +5,7 @@
 Builds a local corpus of JPEG photos once (crops and rescales, 320-800 px on a side, of the two real photos that
 ship with scikit-learn, so decode cost is that of real photos), prepares it as an `image_text_folder` tfds set, and
 times the full training path on it: read the record -> decode JPEG -> random-resized crop -> flip -> 224x224
-float -> CLIP BPE tokenization -> filtered batch. Then times the tiny config's embedded-data pipeline and its
+uint8 -> CLIP BPE tokenization -> filtered batch. Then times the tiny config's embedded-data pipeline and its
 jitted train step (synthetic batch), all in this one process, and prints examples/s and the ratios.
 """
 

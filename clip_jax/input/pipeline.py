@@ -342,7 +342,8 @@ def tar_source(pattern: str, index_dir: str):
 
 
 def train_iterator(cfg):
-    """Endless iterator of host-local batches {'image': [b,H,W,3] f32, 'tokens': [b,L] i32}; has get/set_state.
+    """Endless iterator of host-local batches {'image': [b,H,W,3] uint8, 'tokens': [b,L] i32}; has get/set_state.
+    The images are normalised on the devices, in the train step (train.normalise_images).
 
     Order: seed -> global shuffle (a fresh permutation per epoch) -> this host's slice -> decode/augment/tokenize
     (prefetched by threads, or grain worker processes) -> drop bad records -> batch.
