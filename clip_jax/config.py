@@ -69,8 +69,8 @@ def base() -> ml_collections.ConfigDict:
     c.data.resample = "bicubic"  # input/ops.py RESAMPLE: Pillow filter of every resize, train and eval
     c.data.mixture = ""  # train on several tfds sets: 'name:weight,name:weight' (overrides data.name; same keys)
     # Webdataset tar shards (img2dataset's output) read in place, no conversion (input/shards.py): a path, glob or
-    # {000000..000999} range, local or gs://. Overrides data.name for training; records are 'image' + 'caption'.
-    c.data.shards = ""
+    # {000000..000999} range, local or gs://. Records are 'image' + 'caption'.
+    c.data.shards = ""  # tar shards to train on ('' = none); overrides data.name for training
     c.data.shard_index_dir = ""  # where each shard's sample index is cached ('' = <data.data_dir>/shard_index)
     c.data.read_threads = 2  # threads per data process that read and decode records (more for remote shards)
 
