@@ -223,7 +223,7 @@ def benchmark():
 
 def convert():
     """`convert --from hf --model-dir DIR --workdir OUT` or `convert --to hf --workdir OUT --model-dir DIR`."""
-    from clip_jax.convert import files, hf
+    from clip_jax.convert import files, hf, hf_tokenizer
 
     if (_FROM.value is None) == (_TO.value is None) or not _MODEL_DIR.value:
         _usage_error("convert needs --model-dir and exactly one of --from=hf or --to=hf")
@@ -233,7 +233,8 @@ def convert():
             files.write_checkpoint(cfg, params, _WORKDIR.value)
             if cfg.tokenizer.kind == "hashed_words":  # base()'s default: the import found no tokenizer
                 print(files.NO_TOKENIZER.format(dir=_MODEL_DIR.value), flush=True)
-            for note in files.preprocess_notes(_MODEL_DIR.value, cfg.model.image.image_size):
+            notes = files.preprocess_notes(_MODEL_DIR.value, cfg.model.image.image_size)
+            for note in notes + hf_tokenizer.notes(_MODEL_DIR.value, cfg):
                 print(note, flush=True)
             print(
                 f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "

@@ -3,8 +3,9 @@
 Import: DIR/config.json (+ preprocessor_config.json if present) and DIR/model.safetensors (or a sharded
 model.safetensors.index.json, or pytorch_model.bin) -> a clip_jax checkpoint at step 0 in WORKDIR (the same
 Checkpointer as training, so `main.py eval` reads it) plus WORKDIR/config.json, which `configs/imported.py:WORKDIR`
-turns back into a config. Export: WORKDIR's latest checkpoint -> DIR/config.json, DIR/model.safetensors and
-DIR/preprocessor_config.json. Nothing is downloaded: only files on disk are read.
+turns back into a config. Export: WORKDIR's latest checkpoint -> DIR/config.json, DIR/model.safetensors,
+DIR/preprocessor_config.json and the tokenizer's files (hf_tokenizer.py). Nothing is downloaded: only files on
+disk are read.
 """
 
 import json
@@ -12,7 +13,8 @@ import os
 
 import numpy as np
 
-from clip_jax.convert import hf, hf_config
+from clip_jax.convert import hf, hf_config, hf_tokenizer
+from clip_jax.convert.hf_tokenizer import NO_TOKENIZER, find_spiece  # noqa: F401 (main.py and tests use them here)
 from clip_jax.input import ops
 
 CONFIG_FILE = "config.json"  # the clip_jax config beside the checkpoint (configs/imported.py reads it)
@@ -82,27 +84,6 @@ def _preprocessor_config(model_dir):
         return json.load(f)
 
 
-def find_spiece(model_dir):
-    """The absolute path of DIR/spiece.model (SigLIP's tokenizer), or None when there is none or the directory's
-    tokenizer_config.json turns off lower-casing (our siglip_sentencepiece always lower-cases, as HF's default)."""
-    path = os.path.join(model_dir, "spiece.model")
-    if not os.path.isfile(path):
-        return None
-    settings = os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.isfile(settings):
-        with open(settings) as f:
-            if json.load(f).get("do_lower_case", True) is False:
-                return None
-    return os.path.abspath(path)  # the workdir's config.json points at it from anywhere
-
-
-NO_TOKENIZER = (
-    "note: no tokenizer set for {dir}: clip_jax recognises CLIP's 49,408-token BPE vocabulary and a SigLIP "
-    "directory's spiece.model (lower-casing on), and this directory has neither. Image embeddings are exact; "
-    "zero-shot evaluation needs --config.tokenizer.kind and --config.tokenizer.path naming this model's tokenizer"
-)
-
-
 def read_hf_weights(model_dir):
     """{name: float32 np.ndarray} from safetensors (single or sharded) or pytorch_model.bin."""
     files = os.listdir(model_dir)
@@ -132,7 +113,7 @@ def import_model(model_dir):
     from clip_jax.models import two_tower
 
     hf_cfg = read_hf_config(model_dir)
-    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir), find_spiece(model_dir))
+    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir), hf_tokenizer.find(model_dir))
     abstract = _pure(two_tower.abstract(cfg.model))
     params = hf.params_from_hf(read_hf_weights(model_dir), hf_cfg["model_type"], abstract)
     return cfg, params
@@ -190,7 +171,8 @@ def read_checkpoint(workdir):
 
 
 def export_model(cfg, params, model_dir):
-    """Write config.json, model.safetensors and preprocessor_config.json that transformers loads."""
+    """Write config.json, model.safetensors, preprocessor_config.json and (SentencePiece kinds) the tokenizer's
+    files, which transformers loads."""
     family, hf_cfg = hf_config.config_to_hf(cfg)
     width = hf_cfg["vision_config"]["hidden_size"]
     state = hf.params_to_hf(params, family, hf.hf_shape_fixes(family, width))
@@ -204,6 +186,7 @@ def export_model(cfg, params, model_dir):
     safetensors_numpy.save_file(state, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(model_dir, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor_config(cfg, family), f, indent=2)
+    hf_tokenizer.write_files(cfg, model_dir)
     return family
 
 

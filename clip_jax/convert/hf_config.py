@@ -7,6 +7,7 @@ import math
 
 from clip_jax import config as config_lib
 from clip_jax.convert.hf import FAMILIES, PREPROCESS, ConversionError
+from clip_jax.input import tokenizer as tokenizer_lib
 from clip_jax.input.clip_bpe import VOCAB_SIZE as CLIP_BPE_VOCAB  # a model with it uses tokenizer.kind='clip_bpe'
 from clip_jax.models import layers
 
@@ -45,10 +46,12 @@ def _square(value, what):
     return int(value)
 
 
-def config_from_hf(hf, preprocess=None, spiece=None):
+def config_from_hf(hf, preprocess=None, tokenizer=None):
     """HF config (a dict with every key, as transformers' config classes fill them) -> clip_jax ConfigDict.
 
-    spiece: the path of a SigLIP directory's spiece.model, which becomes its tokenizer (none: left unset)."""
+    tokenizer: (tokenizer.kind, model file) of a SigLIP directory's tokenizer (hf_tokenizer.find), which becomes
+    the config's and gives the text tower its pad and end ids (none: left unset). Raises ConversionError for what
+    clip_jax cannot represent, naming it."""
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ConversionError(f"model_type {family!r} is not supported; clip_jax converts {list(FAMILIES)}")
@@ -67,7 +70,7 @@ def config_from_hf(hf, preprocess=None, spiece=None):
     if family == "clip":
         _clip_config(c, hf, txt)
     else:
-        _siglip_config(c, hf, vis, txt, spiece)
+        _siglip_config(c, hf, vis, txt, tokenizer)
     mean, std, crop, resample = preprocess or PREPROCESS[family]
     c.data.image_mean, c.data.image_std, c.data.eval_crop = tuple(mean), tuple(std), crop
     c.data.resample = resample
@@ -102,7 +105,7 @@ def _clip_config(c, hf, txt):
         c.tokenizer.kind = "clip_bpe"
 
 
-def _siglip_config(c, hf, vis, txt, spiece):
+def _siglip_config(c, hf, vis, txt, tokenizer):
     m = c.model
     if not vis.get("vision_use_head", True):
         raise ConversionError("vision_use_head=False: a SiglipModel without its MAP head has no image embedding")
@@ -116,9 +119,26 @@ def _siglip_config(c, hf, vis, txt, spiece):
     eos = txt.get("eos_token_id")
     m.text.eos_id = eos if isinstance(eos, int) and 0 <= eos < m.text.vocab_size else m.text.pad_id
     c.loss.kind = "sigmoid"
-    if spiece:
-        # Pads to model.text.max_len (max_position_embeddings: 64, SiglipTokenizer's model_max_length).
-        c.tokenizer.kind, c.tokenizer.path = "siglip_sentencepiece", spiece
+    if tokenizer:
+        _set_tokenizer(c, *tokenizer)
+
+
+def _set_tokenizer(c, kind, path):
+    """The directory's tokenizer becomes the config's, padding to model.text.max_len (max_position_embeddings: 64
+    for SigLIP 1 and 2), and its pad and end ids become the text tower's: config.json's need not be the tokenizer's
+    (SiglipTextConfig defaults to pad 1 and eos 49407; Gemma pads with 0 and ends with 1)."""
+    text = c.model.text
+    try:
+        tok = tokenizer_lib.build(kind, text.max_len, path)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConversionError(f"{path} is not a {kind} tokenizer model ({' '.join(str(e).split())})") from None
+    if tok.vocab_size > text.vocab_size:
+        raise ConversionError(
+            f"{path} has {tok.vocab_size} pieces, more than the text tower's vocab_size {text.vocab_size}: it is "
+            "not this model's tokenizer"
+        )
+    c.tokenizer.kind, c.tokenizer.path = kind, path
+    text.pad_id, text.eos_id = tok.pad_id, tok.eos_id
 
 
 def family_of(cfg):

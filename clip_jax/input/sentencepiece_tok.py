@@ -10,7 +10,16 @@ whitespace collapsed), no start token, [ids..., EOS, EOS...]. SigLIP pads with i
 attends to the padding and pools the last position, so the pad id is part of the embedding, not filler.
 A caption holding the literal strings '</s>' or '<unk>' differs: HF reads them as special tokens, we as text.
 
-Both truncate keeping the end token in the last slot.
+`gemma_sentencepiece`: SigLIP 2's layout (Gemma's 256k-piece tokenizer.model), as big_vision's SigLIP 2 demo
+tokenizes, `lower(key="text")|tok(length=64, model="gemma", bos="no", eos="sticky")`: the text with its ASCII
+letters A-Z lower-cased (big_vision's `lower` op is `tf.strings.lower` without an encoding, which leaves every
+other character as it is: 'École' stays 'École', 'ΣΑΣ' stays 'ΣΑΣ'; whitespace and punctuation are kept), no
+start token, [ids..., EOS, PAD...] with Gemma's <eos> (1) and <pad> (0). HF's GemmaTokenizer does not lower-case;
+transformers' Siglip2Tokenizer and open_clip lower-case every script (open_clip also strips punctuation), so on
+text with capitals outside A-Z their ids differ from big_vision's and ours.
+
+All three truncate keeping the end token in the last slot, and report no start id (bos_id -1) unless they write
+one (captioning decodes from the start id).
 """
 
 import os
@@ -21,6 +30,7 @@ import numpy as np
 from clip_jax.input.caption_ids import body_ids
 
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class SentencePiece:
@@ -48,6 +58,7 @@ class SentencePiece:
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if (self.start and self.bos_id < 0) or self.eos_id < 0:
             raise ValueError(f"{self.path} defines no start or end piece (bos {self.bos_id}, eos {self.eos_id})")
+        self.bos_id = self.bos_id if self.start else -1  # the start id this layout writes
         self.pad_id = max(self.sp.pad_id(), 0)
 
     def __getstate__(self):
@@ -91,3 +102,17 @@ class SiglipSentencePiece(SentencePiece):
         # SentencePiece word marker into a space. str.split() and its r"\s+" agree on what whitespace is.
         text = text.replace("\u2581", " ").lower().translate(_NO_PUNCTUATION)
         return " ".join(text.split())
+
+
+class GemmaSentencePiece(SentencePiece):
+    """text -> int32 [max_len]: [ids..., EOS, PAD...] of the text with A-Z lower-cased (SigLIP 2's tokenizer.model,
+    Gemma's: <pad> 0, <eos> 1; big_vision's `lower|tok(bos="no", eos="sticky")`, see the module docstring)."""
+
+    kind, start = "gemma_sentencepiece", False
+
+    def clean(self, text: str) -> str:
+        # tf.strings.lower(text) with its default encoding '' (ASCII), what big_vision's `lower` op runs.
+        return text.translate(_ASCII_LOWER)
+
+
+KINDS = {cls.kind: cls for cls in (SentencePiece, SiglipSentencePiece, GemmaSentencePiece)}

@@ -5,7 +5,8 @@ accented letters and other scripts included, separates words and is dropped) are
 model's vocabulary. It suits small closed-vocabulary datasets (the embedded ones) and is identical on every
 machine (Python's own hash() is salted per process, CRC32 is not). Ids: 0 pad, 1 start, 2 end, 3+ words.
 `clip_bpe` (clip_bpe.py) is OpenAI CLIP's 49,408-token BPE; `sentencepiece` (sentencepiece_tok.py) reads a model
-file, and `siglip_sentencepiece` reads one the way SigLIP's tokenizer does. `make(cfg)` is the one entry point.
+file, `siglip_sentencepiece` reads one the way SigLIP's tokenizer does and `gemma_sentencepiece` the way SigLIP 2's
+does (Gemma's tokenizer.model, A-Z lower-cased). `make(cfg)` is the one entry point.
 """
 
 import re
@@ -15,7 +16,8 @@ import numpy as np
 
 from clip_jax.input.caption_ids import body_ids
 
-KINDS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece")  # tokenizer.kind: what make() builds
+# tokenizer.kind: what make() builds
+KINDS = ("hashed_words", "clip_bpe", "sentencepiece", "siglip_sentencepiece", "gemma_sentencepiece")
 PAD, BOS, EOS = 0, 1, 2
 _FIRST_WORD_ID = 3
 _WORD = re.compile(r"[a-z0-9]+")
@@ -55,22 +57,27 @@ class HashedWords:
         return " ".join(self.words.get(int(i), f"<{int(i)}>") for i in body_ids(ids, self))
 
 
+def build(kind: str, max_len: int, path: str = "", vocab_size: int = 0):
+    """The tokenizer of `kind` writing rows of max_len ids, not checked against a text tower (vocab_size:
+    hashed_words' hash range). Raises ValueError for an unknown kind or a missing file, OSError or RuntimeError
+    for a file the kind's library cannot read."""
+    if kind == "hashed_words":
+        return HashedWords(vocab_size, max_len)
+    if kind == "clip_bpe":
+        from clip_jax.input import clip_bpe  # reads the 1.4 MB merge list: only when chosen
+
+        return clip_bpe.ClipBPE(max_len, path)
+    if kind in KINDS:
+        from clip_jax.input import sentencepiece_tok
+
+        return sentencepiece_tok.KINDS[kind](max_len, path)
+    raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
+
+
 def make(cfg):
     """The tokenizer the config names, checked against the text tower's vocabulary and special ids."""
     kind, text = cfg.tokenizer.kind, cfg.model.text
-    if kind == "hashed_words":
-        tok = HashedWords(text.vocab_size, text.max_len)
-    elif kind == "clip_bpe":
-        from clip_jax.input import clip_bpe  # reads the 1.4 MB merge list: only when chosen
-
-        tok = clip_bpe.ClipBPE(text.max_len, cfg.tokenizer.path)
-    elif kind in ("sentencepiece", "siglip_sentencepiece"):
-        from clip_jax.input import sentencepiece_tok
-
-        cls = sentencepiece_tok.SentencePiece if kind == "sentencepiece" else sentencepiece_tok.SiglipSentencePiece
-        tok = cls(text.max_len, cfg.tokenizer.path)
-    else:
-        raise ValueError(f"unknown tokenizer.kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")
+    tok = build(kind, text.max_len, cfg.tokenizer.path, text.vocab_size)
     # Every disagreement with the text tower at once, so a user switching tokenizers fixes them in one go.
     fixes = []
     if text.vocab_size < tok.vocab_size:  # a larger text vocabulary only has unused rows
