@@ -91,7 +91,8 @@ def siglip2_dir(tmp_path_factory):
     sp = _train_gemma_like(path)
     defaults = transformers.GemmaTokenizer()  # its default special ids are the ones we trained with
     special = [sp.id_to_piece(i) for i in range(5)]
-    assert special == defaults.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    assert special == defaults.convert_ids_to_tokens([0, 1, 2, 3, 4])
+    assert special == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     layout = {"add_bos_token": False, "add_eos_token": True, "padding_side": "right"}
     transformers.GemmaTokenizer.from_pretrained(path, **layout).save_pretrained(path)
     model = _siglip(sp.get_piece_size())

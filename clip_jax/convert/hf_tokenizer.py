@@ -96,8 +96,8 @@ def write_files(cfg, model_dir) -> list[str]:
         settings = {"tokenizer_class": "GemmaTokenizer", **GEMMA_LAYOUT}
         if sp.bos_id() >= 0:
             settings["bos_token"] = sp.id_to_piece(sp.bos_id())
-    for name, i in (("eos_token", tok.eos_id), ("pad_token", tok.pad_id), ("unk_token", sp.unk_id())):
-        settings[name] = sp.id_to_piece(i)
+    for key, i in (("eos_token", tok.eos_id), ("pad_token", tok.pad_id), ("unk_token", sp.unk_id())):
+        settings[key] = sp.id_to_piece(i)
     settings["model_max_length"] = max_len
     name = GEMMA if kind == "gemma_sentencepiece" else SPIECE
     target = os.path.join(model_dir, name)
