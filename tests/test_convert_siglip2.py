@@ -9,6 +9,7 @@ lower-casing rule, TensorFlow's tf.strings.lower, which is big_vision's `lower` 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,11 +70,18 @@ def _train_gemma_like(path):
     return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
 
 
-def _siglip(vocab, seed=2):
-    # config.json as SigLIP 2's: text pad/bos/eos left at SiglipTextConfig's defaults (1, 49406, 49407).
-    text = {"vocab_size": vocab, "hidden_size": 32, "max_position_embeddings": MAX_LEN, "projection_size": 48}
-    text.update(TOWER)
-    vision = {"hidden_size": 48, "image_size": IMAGE, "patch_size": 8, **TOWER}
+# A second shape: one text layer wider than the image tower, 2 heads, an odd patch grid, LayerNorm eps 1e-5.
+OTHER = {
+    "text": {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "layer_norm_eps": 1e-5},
+    "vision": {"hidden_size": 32, "image_size": 28, "patch_size": 7, "intermediate_size": 96},
+}
+
+
+def _siglip(vocab, seed=2, text=None, vision=None):
+    """A random SiglipModel; config.json as SigLIP 2's leaves text pad/bos/eos at SiglipTextConfig's defaults."""
+    vision = {"hidden_size": 48, "image_size": IMAGE, "patch_size": 8, **TOWER, **(vision or {})}
+    text = {"vocab_size": vocab, "hidden_size": 32, "max_position_embeddings": MAX_LEN, **TOWER, **(text or {})}
+    text["projection_size"] = vision["hidden_size"]  # SigLIP's text head maps to the image width
     torch.manual_seed(0)
     model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
     gen = torch.Generator().manual_seed(seed)
@@ -178,13 +186,21 @@ def test_lower_casing_matches_big_vision_outside_ascii(siglip2_dir):
     assert differ == UNICODE_CAPITALS, differ  # every one has a capital outside A-Z
 
 
-def test_embeddings_match_transformers_end_to_end(siglip2_dir):
+@pytest.mark.parametrize("shape", ["base", "other"])
+def test_embeddings_match_transformers_end_to_end(siglip2_dir, shape, tmp_path):
     """Caption -> our ids -> our imported towers == lower-cased caption -> GemmaTokenizer -> SiglipModel's
     get_text_features (ids only, as big_vision: no attention mask), and the image features, to 1e-5."""
     path, model = siglip2_dir
+    if shape == "other":  # the same tokenizer files beside a model of another shape
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(path, name), tmp_path)
+        model = _siglip(model.config.text_config.vocab_size, seed=5, **OTHER)
+        model.save_pretrained(tmp_path)
+        path = str(tmp_path)
     cfg, params = files.import_model(path)
     ours = _ours(cfg, params)
-    images = np.random.default_rng(0).normal(size=(4, IMAGE, IMAGE, 3)).astype(np.float32)
+    size = model.config.vision_config.image_size
+    images = np.random.default_rng(0).normal(size=(4, size, size, 3)).astype(np.float32)
     captions = CAPTIONS[:4] + CAPTIONS[-2:]
     with torch.no_grad():
         ids = torch.tensor(_reference(path)([c.lower() for c in captions]), dtype=torch.long)
