@@ -75,8 +75,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.read_threads = 2  # threads per data process that read and decode records (more for remote shards)
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "hashed_words"  # input/tokenizer.py KINDS: hashed_words | clip_bpe | (siglip_)sentencepiece
-    c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored merges; (siglip_)sentencepiece: a .model
+    # input/tokenizer.py KINDS: hashed_words | clip_bpe | sentencepiece | siglip_sentencepiece | gemma_sentencepiece
+    c.tokenizer.kind = "hashed_words"  # text -> ids (SigLIP 2's is gemma_sentencepiece: A-Z lower-cased, no BOS)
+    c.tokenizer.path = ""  # vocab/model file: clip_bpe '' = the vendored merges; *sentencepiece: a .model
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "two_tower"  # models/families.py FAMILIES: two_tower (CLIP/SigLIP/LiT) | coca

@@ -1,2 +1,4 @@
-"""Import/export of public checkpoints: HF transformers CLIPModel / SiglipModel. hf.py maps the tensors,
-hf_config.py the configs, files.py reads and writes model directories and clip_jax checkpoints."""
+"""Import/export of public checkpoints: HF transformers CLIPModel / SiglipModel (SigLIP 1 and SigLIP 2 fixed
+resolution). hf.py maps the tensors, hf_config.py the configs, hf_tokenizer.py finds and writes the tokenizer files
+(spiece.model: SigLIP 1; tokenizer.model + a Gemma tokenizer_config.json: SigLIP 2), files.py reads and writes model
+directories and clip_jax checkpoints."""
