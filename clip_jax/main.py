@@ -1,7 +1,7 @@
 """Command line: `python -m clip_jax.main {train,eval,caption} --config=configs/X.py[:arg] --workdir=DIR
---config.key=value`, `benchmark --checkpoint=DIR --datasets=a,b@split`, and `convert --from hf|open_clip --model-dir DIR
---workdir OUT` / `convert --to hf|open_clip --workdir OUT --model-dir DIR` (an open_clip weights file also takes
---model-config).
+--config.key=value`, `benchmark --checkpoint=DIR --datasets=a,b@split`, and `convert --from hf|open_clip
+--model-dir DIR --workdir OUT` / `convert --to hf|open_clip --workdir OUT --model-dir DIR` (an open_clip weights
+file also takes --model-config).
 
 `eval` runs the configured evaluators (the evals.<name> sections) on the latest checkpoint of --workdir (or on
 --checkpoint) and writes DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval. `benchmark
@@ -50,7 +50,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wh
 _FROM = flags.DEFINE_enum(
     "from", None, ["hf", "open_clip"], "convert: import from this format (--model-dir -> --workdir)."
 )
-_TO = flags.DEFINE_enum("to", None, ["hf", "open_clip"], "convert: export to this format (--workdir -> --model-dir).")
+_TO = flags.DEFINE_enum(
+    "to", None, ["hf", "open_clip"], "convert: export to this format (--workdir -> --model-dir)."
+)
 _MODEL_DIR = flags.DEFINE_string(
     "model-dir", None, "convert: the model directory (HF or open_clip), or an open_clip weights/checkpoint file."
 )

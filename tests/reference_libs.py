@@ -3,7 +3,8 @@
 open_clip's package __init__ imports torchvision, which is not installed (the only torchvision release for this
 torch on PyPI is a CUDA build that cannot load beside the CPU torch, and a broken torchvision also breaks
 transformers' image processors). Its tokenizer.py and loss.py need only torch, numpy, regex and ftfy, so they are
-loaded here straight from the installed open-clip-torch distribution, unmodified.
+loaded here straight from the installed open-clip-torch distribution, unmodified. Its model code (model.py and the
+modules it imports) needs one torchvision name at import time; open_clip_model_module says which and how.
 """
 
 import importlib

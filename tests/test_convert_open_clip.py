@@ -42,11 +42,17 @@ MODELS = {
     # SigLIP-style in open_clip's format: CustomTextCLIP layout ('text.' keys), logit bias, [1]-shaped scale and
     # bias, bidirectional text pooled at the last position, tanh gelu, mlp_ratio 3.5, final_ln_after_pool.
     "sigmoid_custom_text": {
-        "custom_text": True, "init_logit_bias": -10.0, "nonscalar_logit_scale": True,
+        "custom_text": True,
+        "init_logit_bias": -10.0,
+        "nonscalar_logit_scale": True,
         "vision_cfg": {"act_kwargs": {"approximate": "tanh"}, "final_ln_after_pool": True},
-        "text_cfg": {"no_causal_mask": True, "pool_type": "last", "mlp_ratio": 3.5,
-                     "act_kwargs": {"approximate": "tanh"}},
-    },  # fmt: skip
+        "text_cfg": {
+            "no_causal_mask": True,
+            "pool_type": "last",
+            "mlp_ratio": 3.5,
+            "act_kwargs": {"approximate": "tanh"},
+        },
+    },
     # No text projection (text width = embed_dim), bidirectional, pooled at the first token; 4 px patches.
     "first_no_proj": {
         "embed_dim": 32,
@@ -127,7 +133,9 @@ def _reference(model, images, tokens):
 def test_import_matches_open_clip(saved, source):
     name, cfg, model, directory, checkpoint, config_json = saved
     ours_cfg, params, _ = (
-        open_clip.import_model(directory) if source == "directory" else open_clip.import_model(checkpoint, config_json)
+        open_clip.import_model(directory)
+        if source == "directory"
+        else open_clip.import_model(checkpoint, config_json)
     )
     images, tokens = _inputs(cfg)
     # Our tokenizer, as the import configures it, gives open_clip's ids (the text tower then sees the same input).
@@ -154,24 +162,34 @@ EXPECTED = {
 
 
 def test_import_config(saved):
-    name, cfg, _, directory, checkpoint, config_json = saved
+    name, _, _, directory, checkpoint, config_json = saved
     ours, _, notes = open_clip.import_model(directory)
     m = ours.model
     assert notes == [] and ours.tokenizer.kind == "clip_bpe" and m.text.max_len == CONTEXT
     assert (m.image.pool, m.image.proj, m.image.proj_bias, m.image.patch_bias) == ("cls", True, False, False)
     act, pool, causal, pre_ln, loss = EXPECTED[name]
-    assert (m.image.act, m.text.act, m.text.pool, m.text.causal, m.image.pre_ln) == (act, act, pool, causal, pre_ln)
+    assert (m.image.act, m.text.act, m.text.pool, m.text.causal, m.image.pre_ln) == (
+        act,
+        act,
+        pool,
+        causal,
+        pre_ln,
+    )
     assert ours.loss.kind == loss and m.text.mask_padding is False
     pp = PREPROCESS.get(name, {})
     np.testing.assert_allclose(ours.data.image_mean, pp.get("mean", open_clip_config.OPENAI_MEAN))
     np.testing.assert_allclose(ours.data.image_std, pp.get("std", open_clip_config.OPENAI_STD))
     assert ours.data.resample == pp.get("interpolation", "bicubic")
     assert ours.data.eval_crop == ("resize" if pp.get("resize_mode") == "squash" else "centre")
-    # A training checkpoint carries no preprocess_cfg: open_clip's defaults (OpenAI statistics, bicubic, centre crop).
+    # A training checkpoint has no preprocess_cfg: open_clip's defaults (OpenAI statistics, bicubic, centre crop).
     from_checkpoint = open_clip.import_model(checkpoint, config_json)[0]
     assert from_checkpoint.model.to_dict() == ours.model.to_dict()
     d = from_checkpoint.data
-    assert (d.image_mean, d.image_std, d.eval_crop) == (open_clip_config.OPENAI_MEAN, open_clip_config.OPENAI_STD, "centre")
+    assert (d.image_mean, d.image_std, d.eval_crop) == (
+        open_clip_config.OPENAI_MEAN,
+        open_clip_config.OPENAI_STD,
+        "centre",
+    )
 
 
 def _load_export(directory):
@@ -179,7 +197,9 @@ def _load_export(directory):
     with open(os.path.join(directory, open_clip.CONFIG_NAME)) as f:
         config = json.load(f)
     model = build(config["model_cfg"])
-    model.load_state_dict(safetensors_torch.load_file(os.path.join(directory, open_clip.EXPORT_WEIGHTS)), strict=True)
+    model.load_state_dict(
+        safetensors_torch.load_file(os.path.join(directory, open_clip.EXPORT_WEIGHTS)), strict=True
+    )
     return model.eval(), config
 
 
@@ -306,7 +326,7 @@ def test_installed_model_configs_map_or_refuse_clearly():
 
 
 def test_weights_that_do_not_fit_name_the_key(saved, tmp_path):
-    name, cfg, model, *_ = saved
+    _, cfg, model, *_ = saved
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     ours, _ = open_clip_config.config_from_open_clip(cfg)
     abstract = nnx.to_pure_dict(nnx.state(two_tower.abstract(ours.model), nnx.Param))
@@ -322,7 +342,7 @@ def test_weights_that_do_not_fit_name_the_key(saved, tmp_path):
 
 
 def test_files_that_are_not_open_clip_models_are_clear_errors(saved, tmp_path):
-    _, _, _, directory, checkpoint, config_json = saved
+    *_, checkpoint, config_json = saved
     with pytest.raises(hf.ConversionError, match="none of open_clip_model.safetensors"):
         open_clip.read(str(tmp_path))
     with pytest.raises(hf.ConversionError, match="--model-config"):
@@ -369,8 +389,8 @@ def test_export_refuses_models_open_clip_cannot_represent():
 
 @pytest.mark.slow
 def test_cli_import_from_checkpoint_and_export(saved, tmp_path):
-    """convert --from open_clip (a training checkpoint + --model-config, and a directory), convert --to open_clip."""
-    name, cfg, model, directory, checkpoint, config_json = saved
+    """convert --from open_clip (a training checkpoint + --model-config), then convert --to open_clip."""
+    name, _, model, _, checkpoint, config_json = saved
     if name != "gelu_proj_bias":
         pytest.skip("one model is enough for the command line")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

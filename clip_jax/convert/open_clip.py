@@ -54,7 +54,9 @@ def _block_rows(prefix, ours):
         rows.append(("attn.in_proj_weight", ("attn", f"{name}_kernel"), "qkv", part))
         rows.append(("attn.in_proj_bias", ("attn", f"{name}_bias"), "qkv_bias", part))
     blocks = ours + ("encoder", "blocks")
-    return [(f"{prefix}transformer.resblocks.{{i}}.{key}", blocks + path, kind, part) for key, path, kind, part in rows]
+    return [
+        (f"{prefix}transformer.resblocks.{{i}}.{key}", blocks + path, kind, part) for key, path, kind, part in rows
+    ]
 
 
 def table(model_cfg):
@@ -205,8 +207,8 @@ def read(path, model_config=None):
     elif os.path.isfile(path):
         if model_config is None:
             raise ConversionError(
-                f"{path} is a weights file: name its model config with --model-config (a JSON file or an open_clip "
-                "model name such as ViT-B-32)"
+                f"{path} is a weights file: name its model config with --model-config (a JSON file or an "
+                "open_clip model name such as ViT-B-32)"
             )
         weights = path
         model_cfg, preprocess = read_model_config(model_config)

@@ -39,11 +39,22 @@ _CUSTOM_BLOCK = {"qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inn
                  "block_type", "ls_init_value"}  # fmt: skip
 _VISION = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "no_ln_pre", "pool_type",
            "final_ln_after_pool", "pos_embed_type", "act_kwargs", "norm_kwargs"}  # fmt: skip
-_VISION_IGNORED = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads",
-                   "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
+_VISION_IGNORED = {
+    "patch_dropout",
+    "output_tokens",
+    "attn_pooler_queries",
+    "attn_pooler_heads",
+    "timm_model_pretrained",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+    "timm_drop",
+    "timm_drop_path",
+}
 _VISION_OFF = _CUSTOM_BLOCK | {"attentional_pool", "timm_model_name"}
 _TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "no_causal_mask", "pool_type",
-         "eos_id", "pad_id", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs", "tokenizer_kwargs"}  # fmt: skip
+         "eos_id", "pad_id", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs",
+         "tokenizer_kwargs"}  # fmt: skip
 _TEXT_IGNORED = {"output_tokens", "final_ln_after_pool", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type",
                  "tokenizer_mode"}  # fmt: skip
 _TEXT_OFF = _CUSTOM_BLOCK | {"embed_cls", "hf_model_name", "hf_tokenizer_name"}
@@ -78,11 +89,15 @@ def _check_keys(section, cfg, known, ignored, off):
 def _act(quick_gelu, kwargs, section):
     if quick_gelu:
         if kwargs:
-            raise ConversionError(f"open_clip {section}act_kwargs={kwargs!r} with quick_gelu: QuickGELU takes none")
+            raise ConversionError(
+                f"open_clip {section}act_kwargs={kwargs!r} with quick_gelu: QuickGELU takes none"
+            )
         return "quick_gelu"
     approximate = dict(kwargs or {}).pop("approximate", "none")
     if set(kwargs or {}) - {"approximate"} or approximate not in ("none", "tanh"):
-        raise ConversionError(f"open_clip {section}act_kwargs={kwargs!r}: clip_jax has nn.GELU's erf and tanh forms")
+        raise ConversionError(
+            f"open_clip {section}act_kwargs={kwargs!r}: clip_jax has nn.GELU's erf and tanh forms"
+        )
     return "gelu_tanh" if approximate == "tanh" else "gelu"
 
 
@@ -113,7 +128,9 @@ def config_from_open_clip(model_cfg, preprocess_cfg=None):
     Raises ConversionError naming the first option clip_jax cannot represent. Notes say what the import leaves
     to the user (no tokenizer for a vocabulary that is not CLIP's BPE; preprocessing our eval view lacks)."""
     if "multimodal_cfg" in model_cfg:
-        raise ConversionError(f"open_clip multimodal_cfg: clip_jax's two-tower import has no {_WHY['multimodal_cfg']}")
+        raise ConversionError(
+            f"open_clip multimodal_cfg: clip_jax's two-tower import has no {_WHY['multimodal_cfg']}"
+        )
     _check_keys("", model_cfg, _TOP, _TOP_IGNORED, set())
     vis, txt = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
     if isinstance(vis.get("layers", 12), (list, tuple)):
@@ -149,7 +166,10 @@ def _vision_config(sub, vis, quick):
     sub.pool, sub.posemb, sub.proj, sub.proj_bias, sub.patch_bias = "cls", "learn", True, False, False
     # final_ln_after_pool with 'tok' pooling: LayerNorm acts per token, so before or after pooling is the same.
     sub.pre_ln = not vis.get("no_ln_pre", False)
-    sub.act, sub.ln_eps = _act(quick, vis.get("act_kwargs"), "vision_cfg."), _eps(vis.get("norm_kwargs"), "vision_cfg.")
+    sub.act, sub.ln_eps = (
+        _act(quick, vis.get("act_kwargs"), "vision_cfg."),
+        _eps(vis.get("norm_kwargs"), "vision_cfg."),
+    )
 
 
 def _text_config(c, txt, quick):
@@ -168,7 +188,10 @@ def _text_config(c, txt, quick):
     if proj_type not in ("linear", "none"):
         raise ConversionError(f"open_clip text_cfg.proj_type={proj_type!r}: clip_jax has 'linear' or 'none'")
     sub.proj, sub.proj_bias = proj_type == "linear", bool(txt.get("proj_bias", False))
-    sub.act, sub.ln_eps = _act(quick, txt.get("act_kwargs"), "text_cfg."), _eps(txt.get("norm_kwargs"), "text_cfg.")
+    sub.act, sub.ln_eps = (
+        _act(quick, txt.get("act_kwargs"), "text_cfg."),
+        _eps(txt.get("norm_kwargs"), "text_cfg."),
+    )
     kwargs = txt.get("tokenizer_kwargs") or {}
     if kwargs and kwargs != {"clean": "lower"}:
         raise ConversionError(f"open_clip text_cfg.tokenizer_kwargs={kwargs!r}: clip_bpe cleans as clean='lower'")
@@ -192,7 +215,9 @@ def _preprocess_config(c, pp):
         d.eval_crop = "centre"
         notes.append(f"note: preprocess_cfg.resize_mode={mode!r} is not reproduced: clip_jax's eval view crops")
     if pp.get("size") is not None and _square(pp["size"], "preprocess_cfg.size") != size:
-        notes.append(f"note: preprocess_cfg.size={pp['size']} but the model takes {size} px: evaluation uses {size}")
+        notes.append(
+            f"note: preprocess_cfg.size={pp['size']} but the model takes {size} px: evaluation uses {size}"
+        )
     if len(d.image_mean) != 3 or len(d.image_std) != 3:
         raise ConversionError("open_clip preprocess_cfg mean/std must have 3 values (RGB)")
     return notes
@@ -257,10 +282,13 @@ def _check_exportable(cfg):
     if m.text.pool not in ("argmax", "eos", "first", "last"):
         raise ConversionError(f"model.text.pool={m.text.pool!r}: open_clip pools argmax, eos, first or last")
     if not m.text.causal and m.text.mask_padding:
-        raise ConversionError("model.text.mask_padding=True: open_clip's bidirectional text tower attends to padding")
+        raise ConversionError(
+            "model.text.mask_padding=True: open_clip's bidirectional text tower attends to padding"
+        )
     if (m.image.act == "quick_gelu") != (m.text.act == "quick_gelu"):
         raise ConversionError(
-            f"model.image.act={m.image.act!r}, model.text.act={m.text.act!r}: open_clip's quick_gelu sets both towers"
+            f"model.image.act={m.image.act!r}, model.text.act={m.text.act!r}: open_clip's quick_gelu sets both "
+            "towers"
         )
     if cfg.data.eval_crop not in RESIZE_MODES.values():
         raise ConversionError(f"data.eval_crop={cfg.data.eval_crop!r} has no open_clip resize_mode")
@@ -268,6 +296,7 @@ def _check_exportable(cfg):
         raise ConversionError(f"data.resample={cfg.data.resample!r}: open_clip resizes bicubic or bilinear")
     if cfg.tokenizer.kind != "clip_bpe" or cfg.tokenizer.path or m.text.vocab_size != CLIP_BPE_VOCAB:
         raise ConversionError(
-            f"tokenizer.kind={cfg.tokenizer.kind!r} (path {cfg.tokenizer.path!r}, vocabulary {m.text.vocab_size}): "
-            "open_clip pairs this text tower with its CLIP BPE tokenizer (clip_bpe, the vendored merges, 49408 ids)"
+            f"tokenizer.kind={cfg.tokenizer.kind!r} (path {cfg.tokenizer.path!r}, vocabulary "
+            f"{m.text.vocab_size}): open_clip pairs this text tower with its CLIP BPE tokenizer (clip_bpe with "
+            "the vendored merges, 49408 ids)"
         )
