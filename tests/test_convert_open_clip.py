@@ -233,7 +233,8 @@ def _clip_jax_model(act, ln_eps, loss):
     m.embed_dim, m.bias_init, cfg.loss.kind, cfg.tokenizer.kind = 24, -5.0, loss, "clip_bpe"
     m.image.update(variant="mu/8", width=48, depth=2, mlp_dim=80, num_heads=4, image_size=32, proj_bias=False,
                    patch_bias=False, pre_ln=True, act=act, ln_eps=ln_eps)  # fmt: skip
-    m.text.update(variant="mu", width=32, depth=2, mlp_dim=96, num_heads=2, max_len=CONTEXT, proj_bias=True,
+    # 244 / 56 as a float times 56 is just under 244: open_clip's int(width * mlp_ratio) needs the ratio rounded up.
+    m.text.update(variant="mu", width=56, depth=2, mlp_dim=244, num_heads=4, max_len=CONTEXT, proj_bias=True,
                   act=act, ln_eps=ln_eps, pool="eos")  # fmt: skip
     params = nnx.to_pure_dict(nnx.state(two_tower.TwoTower(m, rngs=nnx.Rngs(params=3)), nnx.Param))
     rng = np.random.default_rng(4)
@@ -279,6 +280,8 @@ def _with(name, section, **changes):
         (_with("quickgelu", "vision_cfg", layers=[3, 4, 6, 3]), "ModifiedResNet"),
         (_with("quickgelu", "vision_cfg", qk_norm=True), "qk_norm=True"),
         (_with("quickgelu", "vision_cfg", image_size=[32, 48]), "square"),
+        (_with("quickgelu", "vision_cfg", head_width=10), "not a multiple of head_width=10"),
+        ({"vision_cfg": VISION, "text_cfg": TEXT}, "lacks embed_dim"),
         (_with("quickgelu", "text_cfg", hf_tokenizer_name="bert-base-uncased"), "HF tokenizers"),
         (_with("quickgelu", "text_cfg", hf_model_name="roberta-base"), "HF text towers"),
         (_with("quickgelu", "text_cfg", embed_cls=True), "embed_cls=True"),

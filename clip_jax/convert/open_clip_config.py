@@ -12,7 +12,9 @@ Facts from open-clip-torch 3.3 (model.py CLIPVisionCfg / CLIPTextCfg / CLIP, tra
 - Preprocessing (eval): resize_mode 'shortest' = shorter side to size + centre crop (our eval_crop 'centre'),
   'squash' = resize to size x size (our 'resize'); interpolation bicubic or bilinear ('random' is bicubic at
   eval). Defaults: OpenAI's mean/std, bicubic, shortest.
-Any option our model cannot reproduce raises ConversionError naming it; options that change neither the weights
+One difference: a token row without the eos id (pool_type 'eos') pools its last position here and position 0 in
+open_clip (the argmax of an all-false row); both tokenizers always keep the end token, so only hand-made ids
+meet it. Any option our model cannot reproduce raises ConversionError naming it; options that change neither the weights
 nor the embeddings (patch_dropout, a training-time FLIP setting; output_tokens; the pooler/timm/HF settings that
 are only read when their feature is on) are ignored.
 """
@@ -118,7 +120,8 @@ def _square(value, what):
 def _dims(sub, width, depth, mlp_ratio, heads):
     sub.width, sub.depth, sub.num_heads = int(width), int(depth), int(heads)
     sub.mlp_dim = int(width * mlp_ratio)  # as open_clip sizes its MLP
-    presets = [name for name, dims in layers.SIZES.items() if dims == (sub.width, sub.depth, sub.mlp_dim, heads)]
+    dims = (sub.width, sub.depth, sub.mlp_dim, sub.num_heads)
+    presets = [name for name, preset in layers.SIZES.items() if preset == dims]
     return presets[0] if presets else "mu"  # a cosmetic name: every dimension is set explicitly
 
 
@@ -131,6 +134,9 @@ def config_from_open_clip(model_cfg, preprocess_cfg=None):
         raise ConversionError(
             f"open_clip multimodal_cfg: clip_jax's two-tower import has no {_WHY['multimodal_cfg']}"
         )
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise ConversionError(f"the open_clip model config lacks {missing[0]} (is it an open_clip model config?)")
     _check_keys("", model_cfg, _TOP, _TOP_IGNORED, set())
     vis, txt = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
     if isinstance(vis.get("layers", 12), (list, tuple)):
@@ -160,7 +166,10 @@ def _vision_config(sub, vis, quick):
     width = int(vis.get("width", 768))
     patch = _square(vis.get("patch_size", 16), "vision_cfg.patch_size")
     size = _square(vis.get("image_size", 224), "vision_cfg.image_size")
-    heads = width // int(vis.get("head_width", 64))
+    head_width = int(vis.get("head_width", 64))
+    if width % head_width:
+        raise ConversionError(f"open_clip vision_cfg.width={width} is not a multiple of head_width={head_width}")
+    heads = width // head_width
     name = _dims(sub, width, vis.get("layers", 12), vis.get("mlp_ratio", 4.0), heads)
     sub.variant, sub.patch_size, sub.image_size = f"{name}/{patch}", patch, size
     sub.pool, sub.posemb, sub.proj, sub.proj_bias, sub.patch_bias = "cls", "learn", True, False, False
