@@ -233,7 +233,7 @@ def _clip_jax_model(act, ln_eps, loss):
     m.embed_dim, m.bias_init, cfg.loss.kind, cfg.tokenizer.kind = 24, -5.0, loss, "clip_bpe"
     m.image.update(variant="mu/8", width=48, depth=2, mlp_dim=80, num_heads=4, image_size=32, proj_bias=False,
                    patch_bias=False, pre_ln=True, act=act, ln_eps=ln_eps)  # fmt: skip
-    # 244 / 56 as a float times 56 is just under 244: open_clip's int(width * mlp_ratio) needs the ratio rounded up.
+    # 56 * (244 / 56) is just under 244 in floats: the exported mlp_ratio must round up for int(width * ratio).
     m.text.update(variant="mu", width=56, depth=2, mlp_dim=244, num_heads=4, max_len=CONTEXT, proj_bias=True,
                   act=act, ln_eps=ln_eps, pool="eos")  # fmt: skip
     params = nnx.to_pure_dict(nnx.state(two_tower.TwoTower(m, rngs=nnx.Rngs(params=3)), nnx.Param))
@@ -391,21 +391,31 @@ def test_export_refuses_models_open_clip_cannot_represent():
 
 
 @pytest.mark.slow
-def test_cli_import_from_checkpoint_and_export(saved, tmp_path):
-    """convert --from open_clip (a training checkpoint + --model-config), then convert --to open_clip."""
+def test_cli_import_eval_and_export(saved, tmp_path):
+    """The commands for the README: convert --from open_clip (a training checkpoint + --model-config), eval with
+    configs/imported.py on the embedded set, convert --to open_clip."""
     name, _, model, _, checkpoint, config_json = saved
     if name != "gelu_proj_bias":
         pytest.skip("one model is enough for the command line")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "clip_jax.main", "convert", *a], capture_output=True,
-                                    text=True, env=env, timeout=600)  # fmt: skip
+    run = lambda *a: subprocess.run([sys.executable, "-m", "clip_jax.main", *a], capture_output=True, text=True,
+                                    env=env, timeout=600)  # fmt: skip
     work = str(tmp_path / "work")
-    r = run("--from=open_clip", f"--model-dir={checkpoint}", f"--model-config={config_json}", f"--workdir={work}")
+    r = run("convert", "--from=open_clip", f"--model-dir={checkpoint}", f"--model-config={config_json}",
+            f"--workdir={work}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "imported" in r.stdout
-    r = run("--to=open_clip", f"--workdir={work}", f"--model-dir={tmp_path / 'out'}")
+    data = [
+        "--config.data.data_dir=" + str(tmp_path / "tfds"),
+        "--config.evals.zeroshot.dataset=clip_shapes/small",
+    ]
+    data += ["--config.evals.zeroshot.max_examples=64", "--config.evals.zeroshot.batch_size=64"]
+    r = run("eval", f"--config=configs/imported.py:{work}", f"--workdir={work}", *data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint at step 0" in r.stdout and "top-1" in r.stdout, r.stdout
+    r = run("convert", "--to=open_clip", f"--workdir={work}", f"--model-dir={tmp_path / 'out'}")
     assert r.returncode == 0, r.stderr[-2000:]
     loaded, _ = _load_export(str(tmp_path / "out"))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    r = run("--from=open_clip", f"--model-dir={checkpoint}", f"--workdir={tmp_path / 'w2'}")
+    r = run("convert", "--from=open_clip", f"--model-dir={checkpoint}", f"--workdir={tmp_path / 'w2'}")
     assert r.returncode == 2 and "error: " in r.stderr and "--model-config" in r.stderr
