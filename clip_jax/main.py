@@ -1,6 +1,7 @@
 """Command line: `python -m clip_jax.main {train,eval,caption} --config=configs/X.py[:arg] --workdir=DIR
---config.key=value`, `benchmark --checkpoint=DIR --datasets=a,b@split`, and `convert --from hf --model-dir DIR
---workdir OUT` / `convert --to hf --workdir OUT --model-dir DIR`.
+--config.key=value`, `benchmark --checkpoint=DIR --datasets=a,b@split`, and `convert --from hf|open_clip
+--model-dir DIR --workdir OUT` / `convert --to hf|open_clip --workdir OUT --model-dir DIR` (an open_clip weights
+file also takes --model-config).
 
 `eval` runs the configured evaluators (the evals.<name> sections) on the latest checkpoint of --workdir (or on
 --checkpoint) and writes DIR/eval/step_<N>.json plus TensorBoard summaries in DIR/eval. `benchmark
@@ -46,9 +47,18 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (where not auto-detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (where not auto-detected).")
-_FROM = flags.DEFINE_enum("from", None, ["hf"], "convert: import from this format (--model-dir -> --workdir).")
-_TO = flags.DEFINE_enum("to", None, ["hf"], "convert: export to this format (--workdir -> --model-dir).")
-_MODEL_DIR = flags.DEFINE_string("model-dir", None, "convert: the HF model directory (config.json + weights).")
+_FROM = flags.DEFINE_enum(
+    "from", None, ["hf", "open_clip"], "convert: import from this format (--model-dir -> --workdir)."
+)
+_TO = flags.DEFINE_enum(
+    "to", None, ["hf", "open_clip"], "convert: export to this format (--workdir -> --model-dir)."
+)
+_MODEL_DIR = flags.DEFINE_string(
+    "model-dir", None, "convert: the model directory (HF or open_clip), or an open_clip weights/checkpoint file."
+)
+_MODEL_CONFIG = flags.DEFINE_string(
+    "model-config", None, "convert --from open_clip: a model config JSON or open_clip model name (e.g. ViT-B-32)."
+)
 _IMAGES = flags.DEFINE_list("images", [], "caption: image files to caption (comma-separated).")
 _DATASETS = flags.DEFINE_string("datasets", "", "benchmark: zero-shot sets, comma-separated, name[@split].")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "benchmark: tfds data_dir (default: the checkpoint's data.data_dir).")
@@ -222,13 +232,18 @@ def benchmark():
 
 
 def convert():
-    """`convert --from hf --model-dir DIR --workdir OUT` or `convert --to hf --workdir OUT --model-dir DIR`."""
+    """`convert --from hf|open_clip --model-dir DIR --workdir OUT` or `convert --to hf|open_clip --workdir OUT
+    --model-dir DIR`."""
     from clip_jax.convert import files, hf, hf_tokenizer
 
     if (_FROM.value is None) == (_TO.value is None) or not _MODEL_DIR.value:
-        _usage_error("convert needs --model-dir and exactly one of --from=hf or --to=hf")
+        _usage_error("convert needs --model-dir and exactly one of --from=hf|open_clip or --to=hf|open_clip")
+    if _MODEL_CONFIG.value and _FROM.value != "open_clip":
+        _usage_error("--model-config is read only by convert --from=open_clip")
     try:
-        if _FROM.value:
+        if "open_clip" in (_FROM.value, _TO.value):
+            _convert_open_clip()
+        elif _FROM.value:
             cfg, params = files.import_model(_MODEL_DIR.value)
             files.write_checkpoint(cfg, params, _WORKDIR.value)
             if cfg.tokenizer.kind == "hashed_words":  # base()'s default: the import found no tokenizer
@@ -248,6 +263,26 @@ def convert():
     except (hf.ConversionError, config_lib.ConfigError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _convert_open_clip():
+    """convert --from open_clip (a directory, or a weights file with --model-config) or --to open_clip."""
+    from clip_jax.convert import files, open_clip
+
+    if _FROM.value:
+        cfg, params, notes = open_clip.import_model(_MODEL_DIR.value, _MODEL_CONFIG.value)
+        files.write_checkpoint(cfg, params, _WORKDIR.value)
+        for note in notes:
+            print(note, flush=True)
+        print(
+            f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
+            f"--config=configs/imported.py:{_WORKDIR.value})",
+            flush=True,
+        )
+    else:
+        cfg, params = files.read_checkpoint(_WORKDIR.value)
+        open_clip.export_model(cfg, params, _MODEL_DIR.value)
+        print(f"exported {_WORKDIR.value} as an open_clip CLIP to {_MODEL_DIR.value}", flush=True)
 
 
 if __name__ == "__main__":
