@@ -186,15 +186,15 @@ def _check_batches(cfg, num_devices: int) -> None:
 def _check_data(cfg) -> None:
     """The training data's name and mixture; whether the datasets exist is checked when a run starts
     (input/preflight.py), as that needs the data."""
-    if not cfg.data.name:
-        raise ConfigError("config key 'data.name' is empty; name a tfds dataset, e.g. clip_shapes")
+    if not cfg.data.name and not cfg.data.shards.strip():
+        raise ConfigError("config key 'data.name' is empty; name a tfds dataset (e.g. clip_shapes) or set data.shards")
     try:
         pipeline.mixture(cfg.data)
     except ValueError as e:
         raise ConfigError(f"config key 'data.mixture' is {cfg.data.mixture!r}: {e}") from None
     if not cfg.data.shards.strip():
         return
-    clash = {"data.mixture": cfg.data.mixture.strip(), "data.cache": cfg.data.cache}
+    clash = {"data.mixture": cfg.data.mixture.strip()}
     clash.update({"data.image_key": cfg.data.image_key != "image", "data.text_key": cfg.data.text_key != "caption"})
     for key, value in clash.items():
         if value:

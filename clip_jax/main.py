@@ -69,7 +69,8 @@ MODES = ("train", "eval", "convert", "caption", "benchmark")
 
 def report(result: dict, cfg) -> str:
     """The short human-readable summary printed at the end of `train` / `eval`."""
-    lines = ["", "=" * 60, f"clip_jax report: {cfg.data.name}, loss={cfg.loss.kind}"]
+    data = cfg.data.shards.strip() or cfg.data.name
+    lines = ["", "=" * 60, f"clip_jax report: {data}, loss={cfg.loss.kind}"]
     if "examples_seen" not in result and "step" in result:
         lines.append(f"  checkpoint at step {result['step']}")
     if "examples_seen" in result:

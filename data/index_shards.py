@@ -17,6 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from etils import epath
+
 from clip_jax.input import shards  # after the sys.path line: a checkout runs without installing
 
 
@@ -27,7 +29,17 @@ def main(argv=None) -> int:
     parser.add_argument("--index_dir", default="", help="the run's data.shard_index_dir ('' = <data_dir>/shard_index)")
     parser.add_argument("--threads", type=int, default=32, help="shards indexed at once (reads wait on storage)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads={args.threads}; give a positive number of threads")
     index_dir = args.index_dir or os.path.join(args.data_dir, "shard_index")
+    try:  # writing the indexes is this tool's only job: an index directory it cannot write is an error here
+        probe = epath.Path(index_dir) / f".write_test.{os.getpid()}"
+        epath.Path(index_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        print(f"error: cannot write shard indexes to {index_dir} ({e}); pick another --index_dir", file=sys.stderr)
+        return 2
     wall = time.perf_counter()
     try:
         paths = shards.expand(args.shards)

@@ -139,7 +139,7 @@ def test_compressed_or_empty_shards_are_one_line_errors(corpus, tmp_path):
     with pytest.raises(shards.ShardError, match="is a compressed file, not an uncompressed tar; decompress it first"):
         shards.TarShards(str(tmp_path / "a.tar.gz"), str(tmp_path / "index"))
     _shard(tmp_path / "text_only.tar", [("k", {"txt": b"no image"})])
-    with pytest.raises(shards.ShardError, match=r"no image-text sample in its 1 shard\(s\)$"):
+    with pytest.raises(shards.ShardError, match=r"no image-text sample in its 1 shard\(s\) \(sample_without_image: 1\)$"):
         shards.TarShards(str(tmp_path / "text_only.tar"), str(tmp_path / "index"))
 
 
@@ -194,7 +194,10 @@ def test_streamed_shards_equal_the_arrayrecord_copy_batch_for_batch(corpus, tmp_
     preflight.check_train_sources(streamed)
     a, _ = _batches(streamed, 6)  # 36 examples: past the first epoch (24 samples) into the reshuffled second
     b, _ = _batches(copied, 6)
-    for x, y in zip(a, b, strict=True):
+    cached, _ = _batches(_cfg(shards=pattern, data_dir=str(tmp_path / "tfds"), cache=True), 6)  # tiny_cpu's own
+    for x, y, z in zip(a, b, cached, strict=True):
+        np.testing.assert_array_equal(x["image"], z["image"])
+        np.testing.assert_array_equal(x["tokens"], z["tokens"])
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
     first, _ = _batches(streamed, 2)
@@ -207,11 +210,13 @@ def test_config_clashes_and_missing_shards_are_one_line_errors(corpus, tmp_path)
     cfg = _cfg(shards=str(corpus / "*.tar"), mixture="clip_shapes:1")
     with pytest.raises(ConfigError, match="'data.mixture' cannot be combined with data.shards"):
         config_checks.validate(cfg, 2)
+    cfg = _cfg(shards=str(corpus / "*.tar"), name="")  # data.name is not needed with shards
+    config_checks.validate(cfg, 2)
     cfg = _cfg(shards=str(corpus / "*.tar"), text_key="txt")
     with pytest.raises(ConfigError, match="'data.text_key' cannot be combined with data.shards"):
         config_checks.validate(cfg, 2)
     cfg = _cfg(shards=str(tmp_path / "missing-{000..009}.tar"), data_dir=str(tmp_path))
-    with pytest.raises(pipeline.DataError, match=r"no image-text sample in its 10 shard\(s\) \(10 do not exist\)"):
+    with pytest.raises(pipeline.DataError, match=r"no image-text sample in its 10 shard\(s\) \(missing_shard: 10\)"):
         preflight.check_train_sources(cfg)
 
 
@@ -223,6 +228,9 @@ def test_gaps_in_a_shard_range_are_counted_and_the_rest_trained_on(corpus, tmp_p
 def test_index_shards_script_fills_the_cache_a_run_reads(corpus, tmp_path, monkeypatch, capsys):
     assert index_shards.main([str(corpus / "*.tar"), "--data_dir", str(tmp_path)]) == 0
     assert "3 shards, 24 samples indexed" in capsys.readouterr().out
+    (tmp_path / "file").write_bytes(b"")
+    assert index_shards.main([str(corpus / "*.tar"), "--index_dir", str(tmp_path / "file" / "index")]) == 2
+    assert "error: cannot write shard indexes to" in capsys.readouterr().err
     monkeypatch.setattr(shards, "index_shard", lambda path: pytest.fail(f"{path} indexed again"))
     cfg = _cfg(shards=str(corpus / "*.tar"), data_dir=str(tmp_path))
     assert len(pipeline.train_sources(cfg)[0][1]) == 24
@@ -250,3 +258,54 @@ def test_a_position_saved_over_other_data_is_refused_or_reshuffled(corpus, tmp_p
     expected, _ = _batches(grown, 3)  # batch 2 of the new order (none skipped): the third of a fresh iterator
     np.testing.assert_array_equal(next(it)["tokens"], expected[2]["tokens"])
     assert "starting at batch 2 of the new data's order" in caplog.text
+
+
+def _raw_shard(path, sizes):
+    """A shard whose samples' image members have the given byte sizes (content irrelevant to indexing)."""
+    _shard(path, [(f"{i:03d}", {"jpg": bytes([i + 1]) * n, "txt": b"c"}) for i, n in enumerate(sizes)])
+
+
+def test_cuts_without_the_end_marker_are_truncations(corpus, tmp_path):
+    data = (corpus / "00001.tar").read_bytes()
+    at = _image_offset(corpus / "00001.tar", "part1/000104")
+    expected = _reference(str(corpus / "00001.tar"))
+    for name, cut in (("boundary", at), ("in_header", at + 100)):  # after sample 3's caption; inside 4's header
+        (tmp_path / f"{name}.tar").write_bytes(data[:cut])
+        source = shards.TarShards(str(tmp_path / f"{name}.tar"), str(tmp_path / "index"))
+        assert _records(source) == expected[:3], name  # sample 3 may have lost members after the cut: dropped
+        assert source.damage == {"truncated_shard": 1}, name
+
+
+def test_files_that_are_not_tars_are_counted_and_skipped(corpus, tmp_path):
+    (tmp_path / "a.tar").write_bytes((corpus / "00000.tar").read_bytes())
+    (tmp_path / "b.tar").write_bytes(b"url,caption\n" * 100)  # a stray table among the shards
+    (tmp_path / "c.tar").write_bytes(b"{}")  # shorter than one tar header
+    source = shards.TarShards(str(tmp_path / "*.tar"), str(tmp_path / "index"))
+    assert source.damage == {"not_a_tar": 2} and _records(source) == _reference(str(corpus / "00000.tar"))
+
+
+def test_a_same_size_rewrite_gets_a_new_index(tmp_path):
+    _raw_shard(tmp_path / "s.tar", [100, 700])
+    first = shards.TarShards(str(tmp_path / "s.tar"), str(tmp_path / "index"))
+    assert [len(r["image"]) for r in _records(first)] == [100, 700]
+    size = (tmp_path / "s.tar").stat().st_size
+    _raw_shard(tmp_path / "s.tar", [700, 100])  # same blocks, so the same file size; other offsets
+    os.utime(tmp_path / "s.tar", ns=(1, (tmp_path / "s.tar").stat().st_mtime_ns + 10**9))
+    assert (tmp_path / "s.tar").stat().st_size == size
+    again = shards.TarShards(str(tmp_path / "s.tar"), str(tmp_path / "index"))
+    assert [len(r["image"]) for r in _records(again)] == [700, 100]
+
+
+def test_unreadable_cache_files_are_rebuilt_and_bad_patterns_are_one_line_errors(corpus, tmp_path, caplog):
+    (tmp_path / "s.tar").write_bytes((corpus / "00000.tar").read_bytes())
+    shards.TarShards(str(tmp_path / "s.tar"), str(tmp_path / "index"))
+    (cached,) = (tmp_path / "index").glob("s.tar.*.npz")
+    for damaged in (cached.read_bytes()[:300], b""):  # cut (np.load: BadZipFile), empty (EOFError)
+        cached.write_bytes(damaged)
+        source = shards.TarShards(str(tmp_path / "s.tar"), str(tmp_path / "index"))
+        assert _records(source) == _reference(str(corpus / "00000.tar")) and "unreadable" in caplog.text
+        caplog.clear()
+    with pytest.raises(shards.ShardError, match=r"names a directory, .*; name the tar files in it, e.g. '.*/\*.tar'"):
+        shards.TarShards(str(corpus), str(tmp_path / "index"))
+    with pytest.raises(shards.ShardError, match="unbalanced braces"):
+        shards.expand(str(corpus / "{00000..00002.tar"))

@@ -8,6 +8,7 @@ checkpoint, and restoring it yields exactly the batches an uninterrupted run wou
 import functools
 import logging
 import os
+import sys
 import time
 
 import grain
@@ -184,7 +185,10 @@ class _GoodBatchIterator(grain.DatasetIterator):
             if bits & decode.SKIP_MASK:
                 skipped += 1
                 if skipped > self.max_skips:  # a dataset that is all bad would otherwise spin forever
-                    raise DataError(f"{skipped} bad records in a row while filling one batch: {_named(counts)}")
+                    raise DataError(
+                        f"{skipped} bad records in a row while filling one batch: {_named(counts)}; check that the "
+                        "data holds images and captions where data.image_key / data.text_key (or data.shards) say"
+                    )
             else:
                 good.append(example)
         return {
@@ -317,8 +321,8 @@ def train_sources(cfg) -> list[tuple[str, object, float]]:
     dataset or the shards cannot be opened."""
     d = cfg.data
     if d.shards.strip():
-        index_dir = d.shard_index_dir or os.path.join(d.data_dir, "shard_index")
-        return [(d.shards, _SafeSource(tar_source(d.shards.strip(), index_dir)), 1.0)]
+        args = d.shards.strip(), d.shard_index_dir or os.path.join(d.data_dir, "shard_index")
+        return [(d.shards, cached_tar_source(*args) if d.cache else _SafeSource(tar_source(*args)), 1.0)]
     out = []
     for name, weight in mixture(d):
         if d.cache:
@@ -339,6 +343,27 @@ def tar_source(pattern: str, index_dir: str):
         return shards.TarShards(pattern, index_dir)
     except (shards.ShardError, OSError) as e:
         raise DataError(_one_line(e)) from None
+
+
+@functools.lru_cache(maxsize=2)
+def cached_tar_source(pattern: str, index_dir: str) -> memory.InMemorySource:
+    """data.cache over tar shards: every sample's encoded bytes read into memory once per process."""
+    return memory.InMemorySource(tar_source(pattern, index_dir), ("image", "caption"))
+
+
+def die_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker init: on Linux the worker is sent SIGKILL when the training process dies (prctl
+    PR_SET_PDEATHSIG), so a run killed with kill -9 or by the OOM killer leaves no orphaned decoder processes."""
+    del worker_index, worker_count
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
 
 
 def train_iterator(cfg):
@@ -365,5 +390,6 @@ def train_iterator(cfg):
     read = grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=max(1, cfg.data.prefetch))
     it_ds = GoodBatches(ds.to_iter_dataset(read), local, max_skips=max(1000, 100 * local))
     if cfg.data.num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
+        options = grain.MultiprocessingOptions(num_workers=cfg.data.num_workers)
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=die_with_parent)
     return IssueCounter(iter(it_ds), records=[len(source) for _, source, _ in sources])

@@ -52,6 +52,7 @@ DAMAGE_KINDS = (
     "sample_without_image",  # no image member under a key (e.g. its image member was the corrupt one)
     "missing_caption_file",  # an image without .txt / .json: kept, read as an empty caption (counted again later)
     "missing_shard",  # a shard named by a brace range does not exist (img2dataset leaves gaps where downloads failed)
+    "not_a_tar",  # a named file that holds no tar header at all (a stray .parquet / .json among the shards)
 )
 _OPEN_FILES = 8  # per reading thread
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd: no random access
@@ -67,7 +68,11 @@ def expand(pattern: str) -> list[str]:
     paths are not checked here (one request each on a bucket): a missing one is counted when indexed. Raises
     ShardError when nothing matches."""
     paths = []
-    for part in braceexpand.braceexpand(pattern.strip()):
+    try:
+        parts = list(braceexpand.braceexpand(pattern.strip()))
+    except braceexpand.UnbalancedBracesError:
+        raise ShardError(f"data.shards={pattern!r} has unbalanced braces; e.g. '/data/{{00000..00099}}.tar'") from None
+    for part in parts:
         paths.extend(_glob(part) if glob.has_magic(part) else [part])
     paths = list(dict.fromkeys(paths))
     if not paths:
@@ -94,9 +99,12 @@ def sample_key(name: str) -> tuple[str, str]:
 
 def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
     """(ROW [n] per sample, in shard order; the n sample keys; Counter of DAMAGE_KINDS) from one pass over the
-    shard's headers. Raises ShardError if the file is not an uncompressed tar (compressed shards have no random
-    access)."""
+    shard's headers. A shard that does not end with tar's end-of-archive blocks is truncated: its last sample is
+    dropped (its later members may be lost) and it is counted. Raises ShardError for a compressed file (no random
+    access) or a directory."""
     counts, rows, keys = collections.Counter(), [], []
+    if epath.Path(path).is_dir():
+        raise ShardError(f"data.shards names a directory, {path}; name the tar files in it, e.g. '{path}/*.tar'")
     with epath.Path(path).open("rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
@@ -107,9 +115,9 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
         try:
             # ignore_zeros: step over blocks that are not a header (a corrupt member) to the next valid one
             tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)  # noqa: SIM115  f closes it
-        except tarfile.ReadError as e:
-            raise ShardError(f"{path} is not an uncompressed tar file ({e}); decompress it first") from None
-        key, parts, expected = None, {}, 0
+        except tarfile.ReadError:  # shorter than one header, or no header anywhere
+            return np.zeros(0, ROW), [], collections.Counter(not_a_tar=1)
+        key, parts, expected, members = None, {}, 0, 0
         while True:
             try:
                 member = tar.next()
@@ -118,7 +126,13 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
                 parts = {}  # the sample being read when the shard broke may be incomplete
                 break
             if member is None:
+                if not members:
+                    counts["not_a_tar"] += 1
+                elif not _ends_archive(f, expected, size):
+                    counts["truncated_shard"] += 1
+                    parts = {}
                 break
+            members += 1
             if member.offset > expected:  # tarfile skipped blocks that were not a header to reach this one
                 counts["corrupt_member"] += 1
             expected = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -135,6 +149,15 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str], collections.Counter]:
             parts[ext] = (member.offset_data, member.size)
         _add(rows, keys, key, parts, counts)
     return np.array(rows, ROW), keys, counts
+
+
+def _ends_archive(f, end: int, size: int) -> bool:
+    """Whether the shard ends, after its last member (at byte `end`), with tar's two zero blocks: a copy cut at a
+    member boundary or inside a header has no end marker."""
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        return False
+    f.seek(end)
+    return not f.read(2 * tarfile.BLOCKSIZE).strip(b"\0")
 
 
 def _add(rows: list, keys: list, key: str, parts: dict, counts: collections.Counter) -> None:
@@ -180,26 +203,38 @@ def read_sample(read, row) -> dict:
     return {"image": data[image[0] - start : image[0] - start + image[1]], "caption": caption}
 
 
-def _cache_path(index_dir: str, path: str, size: int) -> epath.Path:
-    digest = hashlib.sha1(path.encode()).hexdigest()[:16]
-    return epath.Path(index_dir) / f"{os.path.basename(path)}.{digest}.{size}.v{INDEX_VERSION}.npz"
+def _stat(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns: local files to the file system's resolution, remote ones to the
+    second). Raises FileNotFoundError."""
+    if "://" not in path:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    st = epath.Path(path).stat()
+    return st.length, int(st.mtime * 1e9)
+
+
+def _cache_path(index_dir: str, path: str, stat: tuple[int, int]) -> epath.Path:
+    """Keyed by the shard's path, size and modification time: a shard rewritten in place (tar pads files to 10 KiB,
+    so a same-size rewrite is common) gets a new index."""
+    digest = hashlib.sha1(f"{path}\0{stat[0]}\0{stat[1]}".encode()).hexdigest()[:20]
+    return epath.Path(index_dir) / f"{os.path.basename(path)}.{digest}.v{INDEX_VERSION}.npz"
 
 
 def load_index(path: str, index_dir: str) -> tuple[np.ndarray, collections.Counter]:
-    """index_shard(path), read from index_dir when cached there (same path and size), else built and cached
+    """index_shard(path), read from index_dir when cached there (same path, size and mtime), else built and cached
     (written to a temporary name and renamed, so hosts racing on one shard never read a partial file). An index
     directory that cannot be written only costs the cache: the index is rebuilt next time."""
     path = str(path)
     try:
-        size = epath.Path(path).stat().length
+        stat = _stat(path)
     except FileNotFoundError:
         return np.zeros(0, ROW), collections.Counter(missing_shard=1)
-    cached = _cache_path(index_dir, path, size)
+    cached = _cache_path(index_dir, path, stat)
     if cached.exists():
         try:
             with cached.open("rb") as f, np.load(f) as npz:
                 return npz["rows"], collections.Counter(json.loads(str(npz["counts"])))
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001  a cut or foreign file (zip, EOF, pickle errors): rebuild it
             log.warning("shard index %s is unreadable (%s); rebuilding it", cached, e)
     rows, _, counts = index_shard(path)
     buffer = io.BytesIO()
@@ -216,8 +251,9 @@ def load_index(path: str, index_dir: str) -> tuple[np.ndarray, collections.Count
 
 def load_indexes(paths: list[str], index_dir: str, threads: int = 16) -> tuple[list[np.ndarray], collections.Counter]:
     """Every shard's index (load_index), in the order of `paths`, read or built `threads` at a time (reads from a
-    bucket are latency-bound). Each host starts at its own share of the list (by jax.process_index()), so on a pod
-    the hosts build the missing indexes side by side before they read each other's."""
+    bucket are latency-bound), and the damage counts summed. Each host starts at its own share of the list (by
+    jax.process_index()), so on a pod the hosts build the missing indexes side by side before they read each
+    other's. Shards that are missing, not tar files or truncated are logged by name (the first few)."""
     import jax
 
     start = len(paths) * jax.process_index() // jax.process_count()
@@ -227,6 +263,11 @@ def load_indexes(paths: list[str], index_dir: str, threads: int = 16) -> tuple[l
     counts = collections.Counter()
     for _, c in done.values():
         counts.update(c)
+    for kind in ("missing_shard", "not_a_tar", "truncated_shard"):
+        named = [paths[i] for i in range(len(paths)) if done[i][1][kind]]
+        if named:
+            more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+            log.warning("%s: %s%s", kind, ", ".join(named[:3]), more)
     return [done[i][0] for i in range(len(paths))], counts
 
 
@@ -250,8 +291,8 @@ class TarShards:
             log.warning("%s: left out or converted while indexing: %s", pattern, self.damage)
         self.starts = np.cumsum([0] + [len(rows) for rows in indexes], dtype=np.int64)
         if not self.starts[-1]:
-            missing = f" ({self.damage['missing_shard']} do not exist)" if "missing_shard" in self.damage else ""
-            raise ShardError(f"data.shards={pattern!r}: no image-text sample in its {len(self.paths)} shard(s){missing}")
+            found = f" ({', '.join(f'{k}: {n}' for k, n in self.damage.items())})" if self.damage else ""
+            raise ShardError(f"data.shards={pattern!r}: no image-text sample in its {len(self.paths)} shard(s){found}")
         local_dir = index_dir if "://" not in index_dir else tempfile.gettempdir()
         self.rows_path = _combined(indexes, self.paths, local_dir)
         self.__setstate__(self.__getstate__())
