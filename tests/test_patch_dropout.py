@@ -210,3 +210,19 @@ def test_patch_dropout_outside_0_1_is_refused_in_one_line(tmp_path, p):
 
 def test_patch_dropout_in_range_validates(tmp_path):
     config_checks.validate(small_config(tmp_path, **{"model.image.patch_dropout": 0.75}), 8)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_patch_dropout_repeats_the_uninterrupted_one(tmp_path):
+    """The masks come from the checkpointed rng: stopping after step 3 and resuming gives the same final state."""
+    cfg = small_config(
+        tmp_path / "tfds",
+        total_steps=6,
+        ckpt_every=3,
+        **{"evals.zeroshot.dataset": "", "model.image.patch_dropout": 0.5, "log_every": 3},
+    )
+    straight = train.run(cfg, str(tmp_path / "straight"))
+    train.run(cfg, str(tmp_path / "resumed"), stop_after=3)
+    resumed = train.run(cfg, str(tmp_path / "resumed"))
+    assert resumed["history"][0]["step"] == 6
+    np.testing.assert_allclose(resumed["history"][-1]["loss"], straight["history"][-1]["loss"], rtol=1e-6)
