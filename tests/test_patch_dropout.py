@@ -7,7 +7,7 @@ import importlib.util
 import os
 import re
 
-import model_utils  # noqa: I001  (first: it sets the flax flag the model tests run with)
+import model_utils  # first: it sets the flax flag the model tests run with
 import jax
 import jax.numpy as jnp
 import numpy as np
