@@ -107,6 +107,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.image.pre_ln = False  # LayerNorm on the embedded tokens before the first block (OpenAI CLIP's ln_pre)
     c.model.image.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
     c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
+    c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped at random, training only; [0, 1)
     c.model.text = ml_collections.ConfigDict()
     c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
     c.model.text.width = -1  # -1 = from the variant

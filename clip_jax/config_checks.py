@@ -151,7 +151,7 @@ def _check_ranges(flat) -> None:
                 f"config key '{key}' is {values!r}; use 3 finite numbers (R, G, B){' > 0' * key.endswith('std')}, "
                 f"e.g. --config.{key}='(0.5, 0.5, 0.5)'"
             )
-    for key in ("optim.b1", "optim.b2"):
+    for key in ("optim.b1", "optim.b2", "model.image.patch_dropout"):
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
     if not 0 < flat["data.crop_min_area"] <= 1:

@@ -14,6 +14,10 @@ up to the full-batch sum, and their cotangent is the same for every micro-batch.
 
 Micro-batch i takes rows i*m..(i+1)*m-1 of *every device's* slice (m = per-device batch / k), so every device
 works on every micro-batch and no data moves between devices to form them or to reassemble the embeddings.
+
+Randomness (FLIP patch dropout) travels as a batch field: 'patch_keys', one PRNG key per example, is split into
+micro-batches with the images, so both passes of a micro-batch (step 1 and the vjp of step 3) drop the same
+patches, and each example drops the same patches as in the full-batch step.
 """
 
 import functools
@@ -58,7 +62,7 @@ def value_and_grad(params, frozen, batch, *, graphdef, cfg, mesh, total_loss):
     micro = {name: jax.lax.with_sharding_constraint(_split(x, k, n_dev), micro_sh) for name, x in batch.items()}
 
     def forward(p, mb):
-        out = nnx.merge(graphdef, optim.merge(p, frozen))(mb["image"], mb["tokens"])
+        out = apply(nnx.merge(graphdef, optim.merge(p, frozen)), mb)
         return {name: v for name, v in out.items() if name in _DIFFERENTIABLE}, out.get("caption_tokens")
 
     # 1. Embeddings of every micro-batch; nothing is differentiated here, so no activation outlives its step.
@@ -103,10 +107,25 @@ def value_and_grad(params, frozen, batch, *, graphdef, cfg, mesh, total_loss):
     return (loss, aux), grads
 
 
+def with_patch_keys(batch, rng, cfg, mesh):
+    """batch plus 'patch_keys' when model.image.patch_dropout > 0: FLIP patch dropout's per-example PRNG keys,
+    uint32 [B, 2] from `rng` (the train step's), sharded like the batch (each device draws its own rows). Per
+    example, so the patches an example drops do not depend on how the batch is split into micro-batches."""
+    if not cfg.model.image.get("patch_dropout", 0.0):
+        return batch
+    keys = jax.random.split(jax.random.fold_in(rng, 0), cfg.batch_size)
+    return {**batch, "patch_keys": jax.lax.with_sharding_constraint(keys, sharding.batch_sharding(mesh))}
+
+
+def apply(model, batch):
+    """The model on a batch or micro-batch: 'image', 'tokens', and 'patch_keys' when the train step drew them."""
+    return model(batch["image"], batch["tokens"], patch_keys=batch.get("patch_keys"))
+
+
 def make(cfg, mesh, graphdef, total_loss):
     """A value_and_grad(trainable, frozen, batch) for the train step (gradients w.r.t. trainable only): plain
     autodiff when accum_steps == 1."""
     if cfg.accum_steps == 1:
-        loss_fn = lambda p, f, b: total_loss(nnx.merge(graphdef, optim.merge(p, f))(b["image"], b["tokens"]))
+        loss_fn = lambda p, f, b: total_loss(apply(nnx.merge(graphdef, optim.merge(p, f)), b))
         return jax.value_and_grad(loss_fn, has_aux=True)
     return functools.partial(value_and_grad, graphdef=graphdef, cfg=cfg, mesh=mesh, total_loss=total_loss)

@@ -91,8 +91,9 @@ def normalise_images(batch, cfg):
 def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     """One optimizer step. Pure: (state, batch) -> (new state, metrics). A non-finite loss leaves state unchanged.
     batch: 'image' uint8 [B, H, W, 3] normalised here, on the devices, once for the whole batch (before GradCache
-    splits it), or float32 normalised already; 'tokens' int32 [B, L]."""
-    batch = normalise_images(batch, cfg)
+    splits it), or float32 normalised already; 'tokens' int32 [B, L]. FLIP patch dropout's keys come from the
+    state's rng (replaced every step), so a resumed run drops the same patches."""
+    batch = grad_cache.with_patch_keys(normalise_images(batch, cfg), state["rng"], cfg, mesh)
     # Frozen parameters (optim.freeze) ride along as constants: no gradient is computed for them.
     trainable, frozen = optim.split(state["params"], optim.frozen_paths(cfg, state["params"]))
     # With cfg.accum_steps > 1 the gradient is GradCache's: still the loss of the whole batch (grad_cache.py).

@@ -149,9 +149,10 @@ class CoCa(nnx.Module):
         """int32 [B,L] -> float32 [B, embed_dim], unit norm."""
         return self._text_embedding(self.text.features(tokens), tokens)
 
-    def __call__(self, images, tokens):
-        """img, txt [B, embed_dim] (unit norm), log_t, bias, caption_nll (sum over scored tokens), caption_tokens."""
-        patches = self.image.features(images)
+    def __call__(self, images, tokens, patch_keys=None):
+        """img, txt [B, embed_dim] (unit norm), log_t, bias, caption_nll (sum over scored tokens), caption_tokens.
+        patch_keys: FLIP patch dropout's per-example keys (vit.ViT.features); both poolers read the kept tokens."""
+        patches = self.image.features(images, patch_keys)
         unimodal = self.text.features(tokens)
         nll, count = self._caption_nll(self.caption_pooler(patches), unimodal, tokens)
         return {

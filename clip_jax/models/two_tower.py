@@ -23,20 +23,22 @@ class TwoTower(nnx.Module):
         self.log_t = nnx.Param(jnp.asarray(cfg.log_t_init, jnp.float32), sharding_names=())
         self.bias = nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), sharding_names=())
 
-    def encode_image(self, images):
-        """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm."""
-        return layers.l2_normalize(self.image(images))
+    def encode_image(self, images, patch_keys=None):
+        """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm. patch_keys: see vit.ViT.features (training
+        only; the evaluators pass none and see every patch)."""
+        return layers.l2_normalize(self.image(images, patch_keys))
 
     def encode_text(self, tokens):
         """int32 [B,L] -> float32 [B, embed_dim], unit norm."""
         return layers.l2_normalize(self.text(tokens))
 
-    def __call__(self, images, tokens):
+    def __call__(self, images, tokens, patch_keys=None):
         """The trainer's model interface (every family returns these keys): img [B,d], txt [B,d] (unit norm),
         log_t (), bias () (the loss uses t = exp(log_t)). Families with a generative head add 'caption_nll' (sum of
-        token NLLs over the batch) and 'caption_tokens' (how many tokens were scored)."""
+        token NLLs over the batch) and 'caption_tokens' (how many tokens were scored). patch_keys: uint32 [B, 2]
+        per-example keys of FLIP patch dropout (vit.ViT.features), or None for every patch."""
         return {
-            "img": self.encode_image(images),
+            "img": self.encode_image(images, patch_keys),
             "txt": self.encode_text(tokens),
             "log_t": self.log_t[...],
             "bias": self.bias[...],

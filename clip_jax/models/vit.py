@@ -1,8 +1,9 @@
-"""ViT image tower: patches -> position embeddings -> (optional LayerNorm) -> pre-LN encoder -> pooling ->
-optional projection."""
+"""ViT image tower: patches -> position embeddings -> (training: FLIP patch dropout) -> (optional LayerNorm) ->
+pre-LN encoder -> pooling -> optional projection."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -29,6 +30,10 @@ class ViT(nnx.Module):
         width, patch = dims["width"], dims["patch_size"]
         if cfg.image_size < patch:
             raise ValueError(f"model.image.image_size={cfg.image_size} is smaller than the patch size {patch}")
+        # FLIP (Li et al. 2023): a random fraction of the patch tokens is dropped in training (see features()).
+        self.patch_dropout = cfg.get("patch_dropout", 0.0)
+        if not 0 <= self.patch_dropout < 1:
+            raise ValueError(f"model.image.patch_dropout={self.patch_dropout} must be in [0, 1)")
         if not cfg.proj and width != embed_dim:
             raise ValueError(f"model.image.proj=False needs width == embed_dim, got {width} != {embed_dim}")
         self.dtype, self.width, self.patch = dtype, width, patch
@@ -101,8 +106,31 @@ class ViT(nnx.Module):
         x = images[:, : g * p, : g * p].reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, g * g, p * p * c)
 
-    def features(self, images):
-        """Token features after the final LayerNorm: [B, N(+1 with cls), width] in the compute dtype."""
+    def kept_patches(self, patch_keys):
+        """The patches FLIP patch dropout keeps: int32 [B, keep] indices into the N = grid * grid patches
+        (row-major, the class token not counted), ascending, keep = max(1, int(N * (1 - patch_dropout)))
+        (open_clip's PatchDropout count). Example b keeps the `keep` patches of lowest uniform noise drawn with
+        patch_keys[b]: a uniformly random subset that depends on that example's key only, not on its batch.
+
+        patch_keys: uint32 [B, 2], one PRNG key per example (raw jax.random key data)."""
+        n = self.grid * self.grid
+        keep = max(1, int(n * (1 - self.patch_dropout)))
+        noise = jax.vmap(lambda key: jax.random.uniform(key, (n,)))(patch_keys)
+        return jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1)
+
+    def _drop_patches(self, x, patch_keys):
+        """x [B, cls + N, width] (position embeddings added) -> [B, cls + keep, width]: the class token, then the
+        kept patches in their original order (any order gives the same outputs: attention is permutation-
+        equivariant once the position embeddings are added, and every pooling is permutation-invariant)."""
+        n_cls = int(self.cls is not None)
+        with jax.named_scope("patch_dropout"):  # names its ops in the compiled program (tests read them)
+            idx = self.kept_patches(patch_keys)
+            patches = jnp.take_along_axis(x[:, n_cls:], idx[:, :, None], axis=1, mode="promise_in_bounds")
+            return jnp.concatenate([x[:, :n_cls], patches], axis=1)
+
+    def embed(self, images):
+        """Patch embeddings plus position embeddings, the class token (if any) first: float32 images [B,H,W,3] ->
+        [B, N(+1), width] in the compute dtype: what the blocks (or, in training, patch dropout) take."""
         x = self.patch_embed(self._patchify(images))
         if self.posemb == "sincos2d":
             # Fixed embeddings cover the patches only; the cls token (if any) gets none.
@@ -112,12 +140,16 @@ class ViT(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding[...].astype(self.dtype)
-        if self.ln_pre is not None:
-            x = self.ln_pre(x)
-        return self.encoder(x)
+        return x
 
-    def __call__(self, images):
-        x = self.features(images)
+    def blocks(self, x):
+        """ln_pre (if any) and the encoder: embedded tokens [B, T, width] -> features after the final LayerNorm,
+        same shape and dtype. Any number of tokens T."""
+        return self.encoder(x if self.ln_pre is None else self.ln_pre(x))
+
+    def head(self, x):
+        """Pooling ('cls': the first token, 'gap': the mean over tokens, 'map': attention probe) and projection:
+        features [B, T, width] -> float32 [B, embed_dim]."""
         if self.pool == "cls":
             x = x[:, 0]
         elif self.pool == "gap":
@@ -127,6 +159,22 @@ class ViT(nnx.Module):
         if self.proj is not None:
             x = self.proj(x)
         return x.astype(jnp.float32)
+
+    def features(self, images, patch_keys=None):
+        """Token features after the final LayerNorm: [B, T, width] in the compute dtype, T = N (+1 with cls).
+
+        patch_keys: None (evaluation, conversion: every patch is seen), or uint32 [B, 2] per-example PRNG keys
+        from the train step: with model.image.patch_dropout > 0 only the patches kept_patches() picks go on, and
+        T = keep (+1). They are dropped after the position embeddings are added and before ln_pre, as open_clip's
+        PatchDropout does (FLIP, Li et al. 2023); the class token is always kept."""
+        x = self.embed(images)
+        if patch_keys is not None and self.patch_dropout > 0:
+            x = self._drop_patches(x, patch_keys)
+        return self.blocks(x)
+
+    def __call__(self, images, patch_keys=None):
+        """float32 [B, embed_dim] features; patch_keys as in features() ('gap' then averages the kept tokens)."""
+        return self.head(self.features(images, patch_keys))
 
 
 def resample_pos_embedding(table: np.ndarray, extra_tokens: int, grid: int) -> np.ndarray:
