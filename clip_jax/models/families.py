@@ -2,9 +2,10 @@
 do. state.build_model builds from it, config_checks validates model.family against it, and the evaluators, the
 tokenizer check and the trainer read its capabilities (no code tests a family's name).
 
-Every family's `__call__(images, tokens)` returns at least CONTRASTIVE_OUTPUTS (train.total_loss reads them);
-a family that captions also returns CAPTION_OUTPUTS and has `caption_loss(images, tokens) -> (nll sum, tokens)`
-and the decoder that models/generate.py drives.
+Every family's `__call__(images, tokens, patch_keys=None)` (patch_keys: FLIP patch dropout, training only)
+returns at least CONTRASTIVE_OUTPUTS (train.total_loss reads them); a family that captions also returns
+CAPTION_OUTPUTS and has `caption_loss(images, tokens) -> (nll sum, tokens)` and the decoder that models/generate.py
+drives.
 """
 
 import dataclasses
