@@ -29,6 +29,10 @@ def base() -> ml_collections.ConfigDict:
     c.ckpt_every = 1000  # steps between checkpoints (0 = only at the end)
     c.keep_ckpts = 3  # how many recent checkpoints to keep
     c.nan_policy = "stop"  # NaN/Inf loss or grads (nan_policy.py): stop (name step and last good ckpt) | skip
+    # McCandlish et al.'s gradient noise scale B_simple, logged as 'noise_scale' (with 'grad_sq', 'trace_sigma'):
+    # from the GradCache micro-batch shares vs the whole step's gradient (noise_scale.py says what it measures).
+    c.noise_scale = False  # log the gradient noise scale (needs accum_steps >= 2); off: the step is unchanged
+    c.noise_scale_decay = 0.99  # its moving averages' weight of the past per step, in [0, 1) (0.99: ~100 steps)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)

@@ -151,7 +151,7 @@ def _check_ranges(flat) -> None:
                 f"config key '{key}' is {values!r}; use 3 finite numbers (R, G, B){' > 0' * key.endswith('std')}, "
                 f"e.g. --config.{key}='(0.5, 0.5, 0.5)'"
             )
-    for key in ("optim.b1", "optim.b2", "model.image.patch_dropout"):
+    for key in ("optim.b1", "optim.b2", "model.image.patch_dropout", "noise_scale_decay"):
         if not 0 <= flat[key] < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
     if not 0 < flat["data.crop_min_area"] <= 1:
@@ -174,6 +174,11 @@ def _check_batches(cfg, num_devices: int) -> None:
         raise ConfigError(
             f"batch_size={cfg.batch_size} does not split into accum_steps={cfg.accum_steps} micro-batches over "
             f"{num_devices} devices; use a multiple of {per} (devices x accum_steps), or change accum_steps"
+        )
+    if cfg.noise_scale and cfg.accum_steps < 2:
+        raise ConfigError(
+            f"noise_scale=True needs gradients at two batch sizes: set accum_steps >= 2 (it is {cfg.accum_steps}; "
+            "the noise scale compares the GradCache micro-batch shares with the whole step), or noise_scale=False"
         )
     n = cfg.batch_size // num_devices
     if cfg.loss.tile > 0 and n % cfg.loss.tile:

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import optim, sharding
+from clip_jax import noise_scale, optim, sharding
 
 # Model outputs that carry gradient back into the towers (see TwoTower.__call__ for the interface).
 _DIFFERENTIABLE = ("img", "txt", "log_t", "bias", "caption_nll")
@@ -53,7 +53,8 @@ def value_and_grad(params, frozen, batch, *, graphdef, cfg, mesh, total_loss):
     """((loss, aux), grads) of `total_loss(model(batch))` over the whole batch, with cfg.accum_steps micro-batches.
 
     Gradients are w.r.t. `params` (the trainable dict); `frozen` (optim.split) is used as a constant. Equal (up to
-    float summation order) to jax.value_and_grad of the single full-batch loss.
+    float summation order) to jax.value_and_grad of the single full-batch loss. With cfg.noise_scale, aux also
+    holds noise_scale.SHARES: float32 [k], the squared norm of each micro-batch's share of the gradient.
     """
     k = cfg.accum_steps
     n_dev = mesh.devices.size
@@ -100,10 +101,13 @@ def value_and_grad(params, frozen, batch, *, graphdef, cfg, mesh, total_loss):
         mb, c = xs
         _, pullback = jax.vjp(lambda p: forward(p, mb)[0], params)
         (g,) = pullback(c)
-        return jax.tree.map(jnp.add, acc, g), None
+        # cfg.noise_scale: each share's squared norm, for the gradient noise scale (noise_scale.py).
+        return jax.tree.map(jnp.add, acc, g), noise_scale.sq_norm(g) if cfg.noise_scale else None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(backward, zeros, (micro, cot))
+    grads, share_sq = jax.lax.scan(backward, zeros, (micro, cot))
+    if cfg.noise_scale:
+        aux = {**aux, noise_scale.SHARES: share_sq}
     return (loss, aux), grads
 
 

@@ -17,6 +17,7 @@ import optax
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax import noise_scale as noise_lib
 from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import ops, pipeline, preflight
 from clip_jax.models.families import FAMILIES
@@ -99,6 +100,7 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     # With cfg.accum_steps > 1 the gradient is GradCache's: still the loss of the whole batch (grad_cache.py).
     grad_fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(total_loss, cfg=cfg, mesh=mesh))
     (loss, aux), grads = grad_fn(trainable, frozen, batch)
+    aux, noise = noise_lib.step_metrics(aux, grads, cfg)  # cfg.noise_scale: its per-step estimates; else {}
     updates, opt_state = opt.update(grads, state["opt_state"], trainable)
     # The stored temperature never exceeds the cap (a frozen one is left as it is: the loss caps it anyway).
     params = optim.merge(clamp_temperature(optax.apply_updates(trainable, updates), cfg), frozen)
@@ -119,6 +121,7 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
         "lr": optim.schedule(cfg)(state["step"]),
         "nonfinite": 1 - finite.astype(jnp.int32),
         **aux,
+        **noise,
     }
     return new_state, metrics
 
@@ -144,10 +147,11 @@ def abstract_batch(cfg):
 
 
 class MetricAverager:
-    """Collects per-step device metrics; they reach the host once per log interval (or before a checkpoint)."""
+    """Collects per-step device metrics; they reach the host once per log interval (or before a checkpoint).
+    noise: a noise_scale.MovingAverage (cfg.noise_scale), which adds 'noise_scale' to every pop."""
 
-    def __init__(self):
-        self.items, self.steps, self.examples = [], [], 0
+    def __init__(self, noise=None):
+        self.items, self.steps, self.examples, self.noise = [], [], 0, noise
 
     def add(self, metrics, examples: int, step: int = 0):
         self.items.append(metrics)
@@ -165,6 +169,8 @@ class MetricAverager:
         out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
         out["nonfinite"] = int(sum(m["nonfinite"] for m in host))
         out["lr"] = float(host[-1]["lr"])
+        if self.noise is not None:
+            out.update(self.noise.log(host))
         return out
 
 
@@ -370,7 +376,8 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
 def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
     """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
     progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
-    averager, history, skipped, t0 = MetricAverager(), [], [], time.perf_counter()
+    averager, history, skipped = MetricAverager(noise_lib.moving_average(cfg)), [], []
+    t0 = time.perf_counter()
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
         batch = next(data_it)
