@@ -376,8 +376,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
 def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
     """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
     progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
-    averager, history, skipped = MetricAverager(noise_lib.moving_average(cfg)), [], []
-    t0 = time.perf_counter()
+    averager, history, skipped, t0 = MetricAverager(noise_lib.moving_average(cfg)), [], [], time.perf_counter()
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
         batch = next(data_it)
