@@ -107,6 +107,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.image.pre_ln = False  # LayerNorm on the embedded tokens before the first block (OpenAI CLIP's ln_pre)
     c.model.image.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
     c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
+    # SigLIP 2 NaFlex (models/naflex.py; import and evaluation only): > 0 = images keep their aspect ratio as at most
+    # this many patches (Siglip2ImageProcessor's max_num_patches), position table resized per image; image_size is
+    # then the table's grid times the patch. 0 = fixed square images of image_size.
+    c.model.image.naflex_max_patches = 0  # max patches per image of a NaFlex tower (0 = a fixed-resolution ViT)
     c.model.text = ml_collections.ConfigDict()
     c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
     c.model.text.width = -1  # -1 = from the variant
