@@ -1,0 +1,262 @@
+"""SigLIP 2 NaFlex import (`model_type: siglip2`), checked against transformers' Siglip2Model.
+
+The reference is a random-initialised tiny Siglip2Model (4 x 4 position grid, 4-pixel patches, at most MAX_PATCHES
+patches per image) saved with save_pretrained beside a Siglip2ImageProcessor config and a Gemma-style tokenizer
+(test_convert_siglip2.py's); its image features are computed on the processor's outputs, its text features on
+GemmaTokenizer's ids of the lower-cased text. Ours go through our own preprocessing (input/eval_data.py) and
+tokenizer, mixing aspect ratios in one batch, so the masking of padded patches is exercised.
+"""
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+pytest.importorskip("sentencepiece")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tensorflow_datasets as tfds
+from flax import nnx
+from PIL import Image
+from test_convert_siglip2 import CAPTIONS, _train_gemma_like
+from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+from clip_jax import config as config_lib
+from clip_jax import config_checks, sharding
+from clip_jax.config import ConfigError
+from clip_jax.convert import files, hf
+from clip_jax.evaluate import common, zero_shot
+from clip_jax.input import eval_data, tokenizer
+from clip_jax.models import two_tower
+
+PATCH, GRID, MAX_PATCHES, TOL = 4, 4, 24, 1e-5
+TOWER = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+# (height, width) in pixels: 1:1, 3:1, 1:3, 5:4, 4:5, a tiny image, a one-patch-wide strip, a large photo.
+SIZES = [(32, 32), (12, 36), (36, 12), (40, 50), (50, 40), (3, 2), (4, 300), (480, 640)]
+
+
+def _siglip2(vocab, seed=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """(random Siglip2Model, its image processor), weights moved off HF's ones/zeros initialisation."""
+    vision = {"hidden_size": 48, "patch_size": PATCH, "num_patches": GRID * GRID, **TOWER}
+    text = {"vocab_size": vocab, "hidden_size": 32, "max_position_embeddings": 64, "projection_size": 48, **TOWER}
+    torch.manual_seed(0)
+    model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=text, vision_config=vision))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    processor = Siglip2ImageProcessorPil(
+        patch_size=PATCH, max_num_patches=MAX_PATCHES, image_mean=list(mean), image_std=list(std)
+    )
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def naflex_dir(tmp_path_factory):
+    """(directory, HF model, HF processor): tokenizer.model + GemmaTokenizer files, model, preprocessor config."""
+    path = tmp_path_factory.mktemp("naflex_hf")
+    sp = _train_gemma_like(path)
+    layout = {"add_bos_token": False, "add_eos_token": True, "padding_side": "right"}
+    transformers.GemmaTokenizer.from_pretrained(path, **layout).save_pretrained(path)
+    model, processor = _siglip2(sp.get_piece_size())
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path), model, processor
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def _png(rgb):
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _hf_image_features(model, processor, images):
+    inputs = processor(images=[Image.fromarray(x) for x in images], return_tensors="pt")
+    with torch.no_grad():
+        return model.get_image_features(**inputs).pooler_output.numpy()
+
+
+def _our_batch(cfg, images, garbage=None):
+    """Our eval path on the images' PNG bytes; padded patch rows optionally filled with garbage."""
+    rows = eval_data.image_rows(cfg, len(images))
+    for j, rgb in enumerate(images):
+        image, _ = eval_data.eval_image(cfg, _png(rgb))
+        eval_data.set_image(rows, j, image)
+    if garbage is not None:
+        pad = ~rows["patch_mask"]
+        rows["patches"][pad] = garbage.normal(size=(pad.sum(), rows["patches"].shape[-1])) * 100
+    return rows
+
+
+def _gemma_ids(path, texts):
+    """transformers' GemmaTokenizer from the directory (AutoTokenizer picks Siglip2Tokenizer for a siglip2
+    config), padded and cut to 64 ids."""
+    tok = transformers.GemmaTokenizer.from_pretrained(path)
+    ids = tok(texts, padding="max_length", max_length=64, truncation=True)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _ours(cfg, params):
+    graphdef, _ = nnx.split(two_tower.abstract(cfg.model))
+    return nnx.merge(graphdef, params)
+
+
+def test_import_reads_the_naflex_model(naflex_dir):
+    path, _, _ = naflex_dir
+    cfg, _ = files.import_model(path)
+    m = cfg.model
+    assert (m.image.naflex_max_patches, m.image.patch_size, m.image.image_size) == (
+        MAX_PATCHES,
+        PATCH,
+        GRID * PATCH,
+    )
+    assert (m.image.pool, m.image.proj, m.text.pool, cfg.loss.kind) == ("map", False, "last", "sigmoid")
+    assert cfg.tokenizer.kind == "gemma_sentencepiece" and cfg.data.resample == "bilinear"
+    config_checks.validate(cfg, 8)  # the whole config, tokenizer included
+    with pytest.raises(ConfigError, match="NaFlex models import and evaluate only"):
+        config_checks.check_trainable(cfg)
+    notes = files.preprocess_notes(path, m.image.image_size)
+    assert len(notes) == 1 and f"at most {MAX_PATCHES} patches" in notes[0]
+
+
+def test_image_embeddings_match_siglip2_on_every_aspect_ratio(naflex_dir):
+    """Our preprocessing + tower (one batch of mixed aspect ratios, garbage in the padded patches) == HF's
+    get_image_features on Siglip2ImageProcessor's outputs, to 1e-5."""
+    path, model, processor = naflex_dir
+    cfg, params = files.import_model(path)
+    images = _images()
+    batch = _our_batch(cfg, images, garbage=np.random.default_rng(1))
+    got = np.asarray(_ours(cfg, params).image(batch))
+    want = _hf_image_features(model, processor, images)
+    diff = np.abs(got - want).max()
+    print(f"image features max |diff| {diff:.2e}")
+    assert got.shape == want.shape and diff <= TOL
+    assert np.abs(got[0] - got[1]).max() > 1e-2  # the images give different embeddings
+
+
+def test_text_embeddings_match_siglip2(naflex_dir):
+    """Caption -> our ids -> our text tower == lower-cased caption -> GemmaTokenizer -> get_text_features."""
+    path, model, _ = naflex_dir
+    cfg, params = files.import_model(path)
+    with torch.no_grad():
+        ids = _gemma_ids(path, [c.lower() for c in CAPTIONS])
+        want = model.get_text_features(input_ids=ids).pooler_output.numpy()
+    got = np.asarray(_ours(cfg, params).text(tokenizer.make(cfg)(CAPTIONS)))
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_preprocessor_settings_are_read(naflex_dir, tmp_path):
+    """The directory's max_num_patches, statistics and filter are the config's; a patch size that is not the
+    model's is refused; without a preprocessor config, Siglip2ImageProcessor's defaults (256, bilinear)."""
+    path, model, _ = naflex_dir
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json"):
+        os.symlink(os.path.join(path, name), tmp_path / name)
+    model.save_pretrained(tmp_path)
+    cfg, _ = files.import_model(str(tmp_path))
+    assert (cfg.model.image.naflex_max_patches, cfg.data.resample, cfg.data.image_mean) == (
+        256,
+        "bilinear",
+        (0.5,) * 3,
+    )
+    Siglip2ImageProcessorPil(
+        patch_size=PATCH, max_num_patches=40, resample=3, image_mean=[0.1, 0.2, 0.3]
+    ).save_pretrained(tmp_path)
+    cfg, _ = files.import_model(str(tmp_path))
+    assert (cfg.model.image.naflex_max_patches, cfg.data.resample, cfg.data.image_mean) == (
+        40,
+        "bicubic",
+        (0.1, 0.2, 0.3),
+    )
+    Siglip2ImageProcessorPil(patch_size=2 * PATCH).save_pretrained(tmp_path)
+    with pytest.raises(hf.ConversionError, match="cuts 8-pixel patches, the model embeds 4"):
+        files.import_model(str(tmp_path))
+
+
+def test_export_round_trip(naflex_dir, tmp_path):
+    """HF -> clip_jax -> HF: every tensor equal; the processor config loads back with the same settings; the
+    exported directory re-imports to the same config."""
+    path, model, processor = naflex_dir
+    cfg, params = files.import_model(path)
+    out = str(tmp_path / "out")
+    assert files.export_model(cfg, params, out) == "siglip2"
+    loaded, info = transformers.Siglip2Model.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    back = Siglip2ImageProcessorPil.from_pretrained(out)
+    for key in ("patch_size", "max_num_patches", "resample", "image_mean", "image_std"):
+        assert getattr(back, key) == getattr(processor, key), key
+    cfg2, _ = files.import_model(out)
+    cfg2.tokenizer.path = cfg.tokenizer.path
+    assert cfg2.to_dict() == cfg.to_dict()
+
+
+class NaflexShapes(tfds.core.GeneratorBasedBuilder):
+    """A labelled set of PNGs of every aspect ratio in SIZES (two classes)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=["cat", "dog"])}
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, rgb in enumerate(_images(seed=7)):
+            yield i, {"image": rgb, "label": i % 2}
+
+
+class _Recording(common.ModelEncoders):
+    """The model's encoders, keeping a host copy of every image embedding batch."""
+
+    def __init__(self, graphdef):
+        super().__init__(graphdef)
+        self.seen = []
+
+    def image(self, params, images):
+        emb = super().image(params, images)
+        self.seen.append(np.asarray(jax.device_get(emb)))
+        return emb
+
+
+def test_zero_shot_evaluation_end_to_end(naflex_dir, tmp_path):
+    """The zero-shot evaluator on a tfds set of mixed aspect ratios completes, encodes each image as HF does
+    (1e-5) and scores what HF's embeddings score."""
+    path, model, processor = naflex_dir
+    NaflexShapes(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg, params = files.import_model(path)
+    cfg.data.data_dir = str(tmp_path)
+    cfg.evals.zeroshot = config_lib.evaluator(
+        "zeroshot", dataset="naflex_shapes", split="test", templates="plain", class_names="label", batch_size=8
+    )
+    mesh = sharding.make_mesh(cfg)
+    evaluator = zero_shot.ZeroShot("zeroshot", cfg.evals.zeroshot, cfg, mesh)
+    graphdef, _ = nnx.split(two_tower.abstract(cfg.model))
+    encoders = _Recording(graphdef)
+    metrics = evaluator.run(jax.tree.map(np.asarray, params), encoders)
+    assert metrics["examples"] == len(SIZES) and metrics["num_classes"] == 2
+    images, labels = _images(seed=7), np.arange(len(SIZES)) % 2
+    want = _hf_image_features(model, processor, images)
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    got = np.concatenate(encoders.seen)[: len(SIZES)]
+    assert np.abs(got - want).max() <= TOL
+    # Class embeddings from HF's text tower on the prompts (one template: the prompt's embedding).
+    with torch.no_grad():
+        ids = _gemma_ids(path, ["a photo of a cat.", "a photo of a dog."])
+        cls = model.get_text_features(input_ids=ids).pooler_output.numpy()
+    cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
+    top1 = 100.0 * np.mean((want @ cls.T).argmax(-1) == labels)
+    assert metrics["top1"] == pytest.approx(top1)
