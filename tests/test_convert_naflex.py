@@ -9,6 +9,8 @@ tokenizer, mixing aspect ratios in one batch, so the masking of padded patches i
 
 import io
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -26,10 +28,10 @@ from test_convert_siglip2 import CAPTIONS, _train_gemma_like
 from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
 from clip_jax import config as config_lib
-from clip_jax import config_checks, sharding
+from clip_jax import config_checks, sharding, train
 from clip_jax.config import ConfigError
 from clip_jax.convert import files, hf
-from clip_jax.evaluate import common, zero_shot
+from clip_jax.evaluate import common, suite, zero_shot
 from clip_jax.input import eval_data, tokenizer
 from clip_jax.models import two_tower
 
@@ -232,31 +234,88 @@ class _Recording(common.ModelEncoders):
         return emb
 
 
-def test_zero_shot_evaluation_end_to_end(naflex_dir, tmp_path):
-    """The zero-shot evaluator on a tfds set of mixed aspect ratios completes, encodes each image as HF does
-    (1e-5) and scores what HF's embeddings score."""
-    path, model, processor = naflex_dir
-    NaflexShapes(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+@pytest.fixture(scope="module")
+def labelled_set(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    NaflexShapes(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def _eval_config(path, data_dir):
     cfg, params = files.import_model(path)
-    cfg.data.data_dir = str(tmp_path)
+    cfg.data.data_dir = data_dir
     cfg.evals.zeroshot = config_lib.evaluator(
         "zeroshot", dataset="naflex_shapes", split="test", templates="plain", class_names="label", batch_size=8
     )
-    mesh = sharding.make_mesh(cfg)
-    evaluator = zero_shot.ZeroShot("zeroshot", cfg.evals.zeroshot, cfg, mesh)
+    return cfg, params
+
+
+def _hf_top1(path, model, processor):
+    """Zero-shot top-1 (%) of the HF model on the set: its image features on the processor's outputs, class
+    embeddings from its text tower on the prompts (one template, so each class's embedding is its prompt's)."""
+    images, labels = _images(seed=7), np.arange(len(SIZES)) % 2
+    img = _hf_image_features(model, processor, images)
+    with torch.no_grad():
+        cls = model.get_text_features(input_ids=_gemma_ids(path, ["a photo of a cat.", "a photo of a dog."]))
+    cls = cls.pooler_output.numpy()
+    return 100.0 * np.mean((img @ cls.T).argmax(-1) == labels)
+
+
+def test_zero_shot_evaluation_end_to_end(naflex_dir, labelled_set):
+    """The zero-shot evaluator on a tfds set of mixed aspect ratios encodes each image as HF does (1e-5) and
+    scores what HF's embeddings score."""
+    path, model, processor = naflex_dir
+    cfg, params = _eval_config(path, labelled_set)
+    evaluator = zero_shot.ZeroShot("zeroshot", cfg.evals.zeroshot, cfg, sharding.make_mesh(cfg))
     graphdef, _ = nnx.split(two_tower.abstract(cfg.model))
     encoders = _Recording(graphdef)
     metrics = evaluator.run(jax.tree.map(np.asarray, params), encoders)
     assert metrics["examples"] == len(SIZES) and metrics["num_classes"] == 2
-    images, labels = _images(seed=7), np.arange(len(SIZES)) % 2
-    want = _hf_image_features(model, processor, images)
+    want = _hf_image_features(model, processor, _images(seed=7))
     want /= np.linalg.norm(want, axis=-1, keepdims=True)
-    got = np.concatenate(encoders.seen)[: len(SIZES)]
-    assert np.abs(got - want).max() <= TOL
-    # Class embeddings from HF's text tower on the prompts (one template: the prompt's embedding).
-    with torch.no_grad():
-        ids = _gemma_ids(path, ["a photo of a cat.", "a photo of a dog."])
-        cls = model.get_text_features(input_ids=ids).pooler_output.numpy()
-    cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
-    top1 = 100.0 * np.mean((want @ cls.T).argmax(-1) == labels)
-    assert metrics["top1"] == pytest.approx(top1)
+    assert np.abs(np.concatenate(encoders.seen)[: len(SIZES)] - want).max() <= TOL
+    assert metrics["top1"] == pytest.approx(_hf_top1(path, model, processor))
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_evaluates(naflex_dir, labelled_set, tmp_path):
+    """The import written as a checkpoint (what `convert --from=hf` does) and evaluated from it (`eval`): the
+    same top-1 as HF's; `train` on it is refused in one line."""
+    path, model, processor = naflex_dir
+    cfg, params = _eval_config(path, labelled_set)
+    workdir = str(tmp_path / "imported")
+    files.write_checkpoint(cfg, params, workdir)
+    result = suite.evaluate_checkpoint(cfg, workdir)
+    assert result["step"] == 0 and result["sections"]["zeroshot"]["examples"] == len(SIZES)
+    assert result["metrics"]["zeroshot/top1"] == pytest.approx(_hf_top1(path, model, processor))
+    with pytest.raises(ConfigError, match="NaFlex models import and evaluate only"):
+        train.run(cfg, str(tmp_path / "train"))
+
+
+@pytest.mark.slow
+def test_cli_convert_then_eval(naflex_dir, labelled_set, tmp_path):
+    """`convert --from=hf` notes the NaFlex rule; `eval --config=configs/imported.py:WORKDIR` reports zero-shot;
+    `convert --to=hf` writes a Siglip2Model directory."""
+    path, _, _ = naflex_dir
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "clip_jax.main", *a], capture_output=True, text=True,
+                                    env=env, timeout=600, check=False)  # fmt: skip
+    work = str(tmp_path / "work")
+    r = run("convert", "--from=hf", f"--model-dir={path}", f"--workdir={work}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        f"NaFlex: evaluation resizes each image, aspect ratio kept, to at most {MAX_PATCHES} patches" in r.stdout
+    )
+    section = {"dataset": "naflex_shapes", "split": "test", "templates": "plain", "class_names": "label"}
+    flags = [f"--config.evals.zeroshot.{k}={v}" for k, v in {**section, "batch_size": 8}.items()]
+    r = run(
+        "eval",
+        f"--config=configs/imported.py:{work}",
+        f"--workdir={work}",
+        f"--config.data.data_dir={labelled_set}",
+        *flags,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "zero-shot" in r.stdout and f"({len(SIZES)} images, 2 classes)" in r.stdout, r.stdout
+    r = run("convert", "--to=hf", f"--workdir={work}", f"--model-dir={tmp_path / 'back'}")
+    assert r.returncode == 0 and "HF siglip2 model" in r.stdout, r.stderr[-2000:]
