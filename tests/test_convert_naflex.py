@@ -32,7 +32,7 @@ from clip_jax import config as config_lib
 from clip_jax import config_checks, sharding, train
 from clip_jax.config import ConfigError
 from clip_jax.convert import files, hf
-from clip_jax.evaluate import common, suite, zero_shot
+from clip_jax.evaluate import common, retrieval, suite, zero_shot
 from clip_jax.input import eval_data, tokenizer
 from clip_jax.models import two_tower
 
@@ -232,12 +232,13 @@ def test_export_round_trip(naflex_dir, tmp_path):
 
 
 class NaflexShapes(tfds.core.GeneratorBasedBuilder):
-    """A labelled set of PNGs of every aspect ratio in SIZES (two classes)."""
+    """A labelled, captioned set of PNGs of every aspect ratio in SIZES (two classes)."""
 
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
         features = {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=["cat", "dog"])}
+        features["caption"] = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
         )
@@ -247,7 +248,7 @@ class NaflexShapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         for i, rgb in enumerate(_images(seed=7)):
-            yield i, {"image": rgb, "label": i % 2}
+            yield i, {"image": rgb, "label": i % 2, "caption": f"a photo of a {('cat', 'dog')[i % 2]}"}
 
 
 class _Recording(common.ModelEncoders):
@@ -306,17 +307,37 @@ def test_zero_shot_evaluation_end_to_end(naflex_dir, labelled_set):
     assert metrics["top1"] == pytest.approx(_hf_top1(path, model, processor))
 
 
-@pytest.mark.slow
-def test_imported_checkpoint_evaluates(naflex_dir, labelled_set, tmp_path):
-    """The import written as a checkpoint (what `convert --from=hf` does) and evaluated from it (`eval`): the
-    same top-1 as HF's; `train` on it is refused in one line."""
+def test_retrieval_images_match_siglip2(naflex_dir, labelled_set):
+    """The retrieval evaluator's images (its own batches, image_rows / set_image) encode as HF's do."""
     path, model, processor = naflex_dir
     cfg, params = _eval_config(path, labelled_set)
+    section = config_lib.evaluator("retrieval", dataset="naflex_shapes", text_key="caption", batch_size=8)
+    graphdef, _ = nnx.split(two_tower.abstract(cfg.model))
+    encoders = common.ModelEncoders(graphdef)
+    encode = lambda x: encoders.image(jax.tree.map(np.asarray, params), x)
+    (embs, ids, oks), captions, _ = retrieval.encode_images(cfg, section, sharding.make_mesh(cfg), encode)
+    ok = np.asarray(jax.device_get(oks[0]))
+    assert ok.all() and np.asarray(jax.device_get(ids[0])).tolist() == list(range(len(SIZES)))
+    want = _hf_image_features(model, processor, _images(seed=7))
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    assert np.abs(np.asarray(jax.device_get(embs[0])) - want).max() <= TOL and len(captions) == len(SIZES)
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_evaluates(naflex_dir, labelled_set, tmp_path):
+    """The import written as a checkpoint (what `convert --from=hf` does) and evaluated from it (`eval`) with
+    zero-shot, retrieval and linear-probe sections: the same top-1 as HF's; `train` on it is refused in one line."""
+    path, model, processor = naflex_dir
+    cfg, params = _eval_config(path, labelled_set)
+    common_keys = {"dataset": "naflex_shapes", "batch_size": 8}
+    cfg.evals.retrieval = config_lib.evaluator("retrieval", text_key="caption", **common_keys)
+    cfg.evals.probe = config_lib.evaluator("probe", train_split="test", **common_keys)
     workdir = str(tmp_path / "imported")
     files.write_checkpoint(cfg, params, workdir)
     result = suite.evaluate_checkpoint(cfg, workdir)
     assert result["step"] == 0 and result["sections"]["zeroshot"]["examples"] == len(SIZES)
     assert result["metrics"]["zeroshot/top1"] == pytest.approx(_hf_top1(path, model, processor))
+    assert result["sections"]["retrieval"]["images"] == result["sections"]["probe"]["examples"] == len(SIZES)
     with pytest.raises(ConfigError, match="NaFlex models import and evaluate only"):
         train.run(cfg, str(tmp_path / "train"))
 
