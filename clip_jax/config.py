@@ -328,5 +328,10 @@ def model_fingerprint(cfg) -> dict:
     """The keys that fix the train state (model shapes, and what token ids mean): a checkpoint must agree on all of
     them to be resumed."""
     flat = _flatten(cfg)
-    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too.
-    return {k: v for k, v in flat.items() if k.startswith(("model.", "tokenizer.")) or k == "optim.freeze"}
+    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too. A NaFlex model's
+    # patch budget is an input size, not a parameter shape: a checkpoint evaluates at any budget.
+    shaping = [k for k in flat if k.startswith(("model.", "tokenizer.")) and k not in INPUT_ONLY]
+    return {k: flat[k] for k in [*shaping, "optim.freeze"]}
+
+
+INPUT_ONLY = ("model.image.naflex_max_patches",)  # model keys that change no parameter (model_fingerprint)

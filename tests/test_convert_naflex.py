@@ -338,6 +338,10 @@ def test_imported_checkpoint_evaluates(naflex_dir, labelled_set, tmp_path):
     assert result["step"] == 0 and result["sections"]["zeroshot"]["examples"] == len(SIZES)
     assert result["metrics"]["zeroshot/top1"] == pytest.approx(_hf_top1(path, model, processor))
     assert result["sections"]["retrieval"]["images"] == result["sections"]["probe"]["examples"] == len(SIZES)
+    cfg.model.image.naflex_max_patches = 40  # another budget: an input size, the same checkpoint
+    processor_40 = Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=40)
+    result = suite.evaluate_checkpoint(cfg, workdir)
+    assert result["metrics"]["zeroshot/top1"] == pytest.approx(_hf_top1(path, model, processor_40))
     with pytest.raises(ConfigError, match="NaFlex models import and evaluate only"):
         train.run(cfg, str(tmp_path / "train"))
 
