@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import jax.numpy as jnp
+from flax import nnx
 from PIL import Image
 from transformers.models.siglip2 import image_processing_pil_siglip2 as hf_naflex
 
@@ -18,6 +19,7 @@ from clip_jax import config_checks
 from clip_jax.config import ConfigError
 from clip_jax.input import naflex
 from clip_jax.models import naflex as naflex_model
+from clip_jax.models import two_tower
 
 
 def _torch_resize(table, h, w):
@@ -132,3 +134,12 @@ def test_naflex_config_checks():
     cfg.model.image.naflex_max_patches = -1
     with pytest.raises(ConfigError, match="naflex_max_patches' must be >= 0"):
         config_checks.validate(cfg, 8, tokenizer=False)
+
+
+def test_tower_refuses_square_images():
+    """What training and the benchmark feed (square images) is a one-line error naming the inputs it takes."""
+    cfg = _naflex_cfg()
+    cfg.model.text.variant = "mu"
+    model = two_tower.TwoTower(cfg.model, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match=r"takes \{patches, patch_mask, spatial_shapes\}.*shape \(2, 32, 32, 3\)"):
+        model.encode_image(np.zeros((2, 32, 32, 3), np.float32))

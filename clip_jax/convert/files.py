@@ -83,11 +83,12 @@ def preprocess_notes(model_dir, image_size: int) -> list[str]:
     p = _preprocessor_config(model_dir) or {}
     notes = []
     if "max_num_patches" in p:  # NaFlex: no fixed size to differ from
-        return [
+        rule = (
             f"note: {model_dir}: NaFlex: evaluation resizes each image, aspect ratio kept, to at most "
             f"{p['max_num_patches']} patches (Siglip2ImageProcessor's rule; --config.model.image.naflex_max_patches "
             "changes the budget)"
-        ]
+        )
+        return [rule]
     size, crop = p.get("size"), p.get("crop_size") if p.get("do_center_crop") else None
     for value in (v for v in (size, crop) if v is not None):
         sides = set(value.values()) if isinstance(value, dict) else {value}

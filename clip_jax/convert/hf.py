@@ -1,5 +1,5 @@
-"""HF transformers CLIPModel / SiglipModel <-> clip_jax parameters, as plain dicts of arrays (the configs are
-in hf_config.py).
+"""HF transformers CLIPModel / SiglipModel / Siglip2Model <-> clip_jax parameters, as plain dicts of arrays (the
+configs are in hf_config.py).
 
 Import reads a local model directory (no hub access); export writes one that transformers' `from_pretrained`
 loads. Every HF tensor is consumed and every clip_jax parameter is filled, or the conversion stops naming the
@@ -25,7 +25,7 @@ import numpy as np
 
 FAMILIES = ("clip", "siglip", "siglip2")  # HF model_type values we convert (siglip2: NaFlex)
 # The preprocessing each family's released weights expect, when the model directory has no
-# preprocessor_config.json: (mean, std, eval crop).
+# preprocessor_config.json (or a setting it lacks): (mean, std, eval crop, resample filter).
 PREPROCESS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "centre", "bicubic"),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize", "bicubic"),

@@ -178,7 +178,7 @@ def family_of(cfg):
             "text.causal": False, "text.pool": "last", "text.mask_padding": False, "text.proj": True,
             "text.proj_bias": True,
         },
-    }[family if family != "siglip2" else "siglip"]  # fmt: skip
+    }["clip" if family == "clip" else "siglip"]  # fmt: skip  (siglip2 has SigLIP's towers)
     for key, value in want.items():
         tower, name = key.split(".")
         if m[tower][name] != value:
