@@ -112,6 +112,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.image.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact erf) | quick_gelu (OpenAI CLIP)
     c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP uses 1e-5)
     c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped at random, training only; [0, 1)
+    # SigLIP 2 NaFlex (models/naflex.py; import and evaluation only): > 0 = images keep their aspect ratio as at most
+    # this many patches (Siglip2ImageProcessor's max_num_patches), position table resized per image; image_size is
+    # then the table's grid times the patch. 0 = fixed square images of image_size.
+    c.model.image.naflex_max_patches = 0  # max patches per image of a NaFlex tower (0 = a fixed-resolution ViT)
     c.model.text = ml_collections.ConfigDict()
     c.model.text.variant = "M"  # CLIP B/16's text tower: width 512, depth 12, 8 heads
     c.model.text.width = -1  # -1 = from the variant
@@ -329,5 +333,10 @@ def model_fingerprint(cfg) -> dict:
     """The keys that fix the train state (model shapes, and what token ids mean): a checkpoint must agree on all of
     them to be resumed."""
     flat = _flatten(cfg)
-    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too.
-    return {k: v for k, v in flat.items() if k.startswith(("model.", "tokenizer.")) or k == "optim.freeze"}
+    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too. A NaFlex model's
+    # patch budget is an input size, not a parameter shape: a checkpoint evaluates at any budget.
+    shaping = [k for k in flat if k.startswith(("model.", "tokenizer.")) and k not in INPUT_ONLY]
+    return {k: flat[k] for k in [*shaping, "optim.freeze"]}
+
+
+INPUT_ONLY = ("model.image.naflex_max_patches",)  # model keys that change no parameter (model_fingerprint)

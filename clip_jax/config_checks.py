@@ -76,6 +76,7 @@ _NON_NEGATIVE = (
     "ckpt_every", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "optim.end_lr_frac",
     "loss.contrastive_weight", "loss.caption_weight", "caption.length_penalty",
     "data.num_workers", "data.prefetch", "data.device_prefetch", "model.text.eos_id", "model.text.pad_id",
+    "model.image.naflex_max_patches",
 )  # fmt: skip
 _MAY_BE_INFINITE = ("model.max_log_t",)  # float keys where inf means "off" (the temperature cap); never NaN
 _POSITIVE_OR_DEFAULT = (
@@ -248,12 +249,42 @@ def _check_model(cfg) -> None:
                 f"model.{tower}.proj=False needs model.{tower}.width == model.embed_dim, got {width} != "
                 f"{cfg.model.embed_dim}; set --config.model.embed_dim={width} or model.{tower}.proj=True"
             )
+    if image.naflex_max_patches > 0:
+        _check_naflex(cfg, patch)
     for key in ("eos_id", "pad_id") if txt.pool == "eos" else ("pad_id",):  # eos_id matters only to 'eos'
         if txt[key] >= txt.vocab_size:
             raise ConfigError(
                 f"config key 'model.text.{key}' is {txt[key]}, outside the vocabulary "
                 f"(model.text.vocab_size={txt.vocab_size})"
             )
+
+
+def _check_naflex(cfg, patch: int) -> None:
+    """A NaFlex image tower (models/naflex.py) is SigLIP 2's: a two_tower family, MAP pooling, a learned position
+    grid of image_size / patch, no pre-LN, no projection (its width is the embedding)."""
+    image, n = cfg.model.image, cfg.model.image.naflex_max_patches
+    why = f"model.image.naflex_max_patches={n} (a SigLIP 2 NaFlex tower)"
+    if cfg.model.family != "two_tower":
+        raise ConfigError(f"{why} is built for model.family='two_tower', not {cfg.model.family!r}; set it to 0")
+    want = {"pool": "map", "posemb": "learn", "pre_ln": False, "proj": False}
+    for key, value in want.items():
+        if image[key] != value:
+            raise ConfigError(f"{why} needs model.image.{key}={value!r}, got {image[key]!r}")
+    if image.image_size % patch:
+        raise ConfigError(
+            f"{why} needs model.image.image_size (the position grid times the patch) a multiple of the patch "
+            f"{patch}, got {image.image_size}"
+        )
+
+
+def check_trainable(cfg) -> None:
+    """Training feeds fixed square images: a NaFlex model (import and evaluation only) is refused in one line."""
+    n = cfg.model.image.naflex_max_patches
+    if n > 0:
+        raise ConfigError(
+            f"model.image.naflex_max_patches={n}: NaFlex models import and evaluate only; training feeds fixed "
+            "square images, which only a fixed-resolution tower (naflex_max_patches=0) takes"
+        )
 
 
 def _dims(cfg, tower: str) -> dict:

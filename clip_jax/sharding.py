@@ -67,6 +67,7 @@ def logical_specs(state: nnx.State):
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host-local numpy batch -> one global array per key, sharded over the batch axes."""
+    """Host-local numpy batch -> one global array per key (per leaf of a nested dict, e.g. a NaFlex model's
+    images), sharded over the batch axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)

@@ -296,6 +296,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     from clu import parameter_overview
 
     config_checks.validate(cfg, jax.device_count())
+    config_checks.check_trainable(cfg)  # NaFlex towers evaluate only
     # Bad datasets, splits and feature keys fail now, before the workdir is touched (the evaluators' not after
     # hours of training).
     preflight.check_train_sources(cfg)

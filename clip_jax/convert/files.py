@@ -16,6 +16,7 @@ import numpy as np
 from clip_jax.convert import hf, hf_config, hf_tokenizer
 from clip_jax.convert.hf_tokenizer import NO_TOKENIZER, find_spiece  # noqa: F401 (main.py and tests use them here)
 from clip_jax.input import ops
+from clip_jax.models import layers
 
 CONFIG_FILE = "config.json"  # the clip_jax config beside the checkpoint (configs/imported.py reads it)
 
@@ -37,33 +38,57 @@ def read_hf_config(model_dir):
     if model_type not in hf.FAMILIES:
         raise hf.ConversionError(
             f"{path}: model_type {model_type!r} is not supported; clip_jax converts {list(hf.FAMILIES)} "
-            "(CLIPModel, SiglipModel)"
+            "(CLIPModel, SiglipModel, Siglip2Model)"
         )
+    return _config_class(model_type).from_pretrained(model_dir).to_dict()
+
+
+def _config_class(family):
     transformers = _need("transformers")
-    cls = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig}[model_type]
-    return cls.from_pretrained(model_dir).to_dict()
+    classes = {"clip": "CLIPConfig", "siglip": "SiglipConfig", "siglip2": "Siglip2Config"}
+    return getattr(transformers, classes[family])
 
 
-def read_preprocess(model_dir):
+def read_preprocess(model_dir, family="clip"):
     """(mean, std, eval crop, resample filter name) from preprocessor_config.json, or None when the directory has
-    none (or it names no mean/std). Raises ConversionError for a resample number Pillow does not define."""
+    none (or it names no mean/std); a filter it does not name is the family's processor's default (hf.PREPROCESS).
+    Raises ConversionError for a resample number Pillow does not define."""
     p = _preprocessor_config(model_dir)
     if p is None or "image_mean" not in p or "image_std" not in p:
         return None
     by_number = {int(v): name for name, v in ops.RESAMPLE.items()}
-    number = p.get("resample", int(ops.RESAMPLE["bicubic"]))
+    number = p.get("resample", int(ops.RESAMPLE[hf.PREPROCESS[family][3]]))
     if number not in by_number:
         raise hf.ConversionError(f"preprocessor_config.json: resample={number!r} is not a Pillow filter number")
     crop = "centre" if p.get("do_center_crop") else "resize"
     return tuple(p["image_mean"]), tuple(p["image_std"]), crop, by_number[number]
 
 
+def read_max_patches(model_dir, patch: int) -> int:
+    """A NaFlex (siglip2) directory's patch budget per image: preprocessor_config.json's max_num_patches, else
+    Siglip2ImageProcessor's default. Raises ConversionError when the processor's patch_size is not the model's."""
+    p = _preprocessor_config(model_dir) or {}
+    if p.get("patch_size", patch) != patch:
+        raise hf.ConversionError(
+            f"{model_dir}: preprocessor_config.json cuts {p['patch_size']}-pixel patches, the model embeds {patch}"
+        )
+    return int(p.get("max_num_patches", hf_config.NAFLEX_MAX_PATCHES))
+
+
 def preprocess_notes(model_dir, image_size: int) -> list[str]:
     """One line per preprocessor_config.json setting clip_jax's eval view does not reproduce (it resizes straight
     to the model's image size, rescales by 1/255 and normalises): the imported model's weights are exact, but
-    evaluation pixels would differ from the HF image processor's."""
+    evaluation pixels would differ from the HF image processor's. A NaFlex processor (Siglip2ImageProcessor) gets
+    one line saying what evaluation does instead."""
     p = _preprocessor_config(model_dir) or {}
     notes = []
+    if "max_num_patches" in p:  # NaFlex: no fixed size to differ from
+        rule = (
+            f"note: {model_dir}: NaFlex: evaluation resizes each image, aspect ratio kept, to at most "
+            f"{p['max_num_patches']} patches (Siglip2ImageProcessor's rule; --config.model.image.naflex_max_patches "
+            "changes the budget)"
+        )
+        return [rule]
     size, crop = p.get("size"), p.get("crop_size") if p.get("do_center_crop") else None
     for value in (v for v in (size, crop) if v is not None):
         sides = set(value.values()) if isinstance(value, dict) else {value}
@@ -113,9 +138,15 @@ def import_model(model_dir):
     from clip_jax.models import two_tower
 
     hf_cfg = read_hf_config(model_dir)
-    cfg = hf_config.config_from_hf(hf_cfg, read_preprocess(model_dir), hf_tokenizer.find(model_dir))
+    family = hf_cfg["model_type"]
+    naflex = {}
+    if family == "siglip2":
+        patch = hf_cfg["vision_config"]["patch_size"]
+        naflex["max_patches"] = read_max_patches(model_dir, patch if isinstance(patch, int) else patch[0])
+    preprocess = read_preprocess(model_dir, family)
+    cfg = hf_config.config_from_hf(hf_cfg, preprocess, hf_tokenizer.find(model_dir), **naflex)
     abstract = _pure(two_tower.abstract(cfg.model))
-    params = hf.params_from_hf(read_hf_weights(model_dir), hf_cfg["model_type"], abstract)
+    params = hf.params_from_hf(read_hf_weights(model_dir), family, abstract)
     return cfg, params
 
 
@@ -176,10 +207,9 @@ def export_model(cfg, params, model_dir):
     family, hf_cfg = hf_config.config_to_hf(cfg)
     width = hf_cfg["vision_config"]["hidden_size"]
     state = hf.params_to_hf(params, family, hf.hf_shape_fixes(family, width))
-    transformers, safetensors_numpy = _need("transformers"), _need("safetensors.numpy")
-    cls = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig}[family]
-    config = cls(**hf_cfg)
-    config.architectures = ["CLIPModel" if family == "clip" else "SiglipModel"]
+    safetensors_numpy = _need("safetensors.numpy")
+    config = _config_class(family)(**hf_cfg)
+    config.architectures = [{"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[family]]
     os.makedirs(model_dir, exist_ok=True)
     config.save_pretrained(model_dir)
     # transformers reads the 'format' entry to know the tensors are laid out as torch's.
@@ -191,20 +221,28 @@ def export_model(cfg, params, model_dir):
 
 
 def preprocessor_config(cfg, family):
-    """HF image processor settings equivalent to ours: bicubic resize, centre crop or not, mean/std."""
+    """HF image processor settings equivalent to ours: data.resample's filter, mean/std, and the geometry: a
+    resize with or without a centre crop, or (siglip2) NaFlex's patch budget."""
     size, d = cfg.model.image.image_size, cfg.data
     crop = d.eval_crop == "centre"
-    return {
-        "image_processor_type": "CLIPImageProcessor" if family == "clip" else "SiglipImageProcessor",
+    common = {
         "do_resize": True,
-        "size": {"shortest_edge": size} if crop else {"height": size, "width": size},
-        "resample": 3,  # PIL bicubic, as ours
-        "do_center_crop": crop,
-        "crop_size": {"height": size, "width": size},
+        "resample": int(ops.RESAMPLE[d.resample]),  # Pillow's number for the filter
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "image_mean": list(d.image_mean),
         "image_std": list(d.image_std),
         "do_convert_rgb": True,
+    }
+    if family == "siglip2":
+        patch = layers.tower_dims(cfg.model.image, with_patch=True)["patch_size"]
+        naflex = {"patch_size": patch, "max_num_patches": cfg.model.image.naflex_max_patches}
+        return {"image_processor_type": "Siglip2ImageProcessor", **common, **naflex}
+    return {
+        "image_processor_type": "CLIPImageProcessor" if family == "clip" else "SiglipImageProcessor",
+        **common,
+        "size": {"shortest_edge": size} if crop else {"height": size, "width": size},
+        "do_center_crop": crop,
+        "crop_size": {"height": size, "width": size},
     }

@@ -1,5 +1,5 @@
-"""HF transformers CLIPModel / SiglipModel <-> clip_jax parameters, as plain dicts of arrays (the configs are
-in hf_config.py).
+"""HF transformers CLIPModel / SiglipModel / Siglip2Model <-> clip_jax parameters, as plain dicts of arrays (the
+configs are in hf_config.py).
 
 Import reads a local model directory (no hub access); export writes one that transformers' `from_pretrained`
 loads. Every HF tensor is consumed and every clip_jax parameter is filled, or the conversion stops naming the
@@ -14,18 +14,22 @@ Layout facts (transformers 5.x modeling_clip.py / modeling_siglip.py):
   the class token (= our final LayerNorm, applied per token); quick_gelu; LayerNorm eps 1e-5; one logit scale.
 - SigLIP: no class token; the MAP head output is the image embedding; text pooled at the last position (which
   is padding: the tower attends to it) then a Linear with bias; logit scale and bias of shape [1].
+- SigLIP 2 NaFlex (`siglip2`, modeling_siglip2.py): SigLIP's tensors and names, except that the patch embedding
+  is a Linear [width, p*p*3] on patches the processor flattened in (row, column, channel) order, our order; its
+  position table [G*G, width] is the square grid our NaFlex tower resizes per image.
 """
 
 import math
 
 import numpy as np
 
-FAMILIES = ("clip", "siglip")  # HF model_type values we convert
+FAMILIES = ("clip", "siglip", "siglip2")  # HF model_type values we convert (siglip2: NaFlex)
 # The preprocessing each family's released weights expect, when the model directory has no
-# preprocessor_config.json: (mean, std, eval crop).
+# preprocessor_config.json (or a setting it lacks): (mean, std, eval crop, resample filter).
 PREPROCESS = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "centre", "bicubic"),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize", "bicubic"),
+    "siglip2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "resize", "bilinear"),  # Siglip2ImageProcessor's (no crop)
 }
 
 
@@ -73,6 +77,9 @@ def _block_table(prefix, ours):
     return [(f"{prefix}.{hf}", ours + ("encoder", "blocks") + path, kind) for hf, path, kind in rows]
 
 
+_PATCH_KIND = {"clip": "patch", "siglip": "patch", "siglip2": "linear"}  # Conv2d, or NaFlex's Linear
+
+
 def _table(family):
     """[(hf key, our param path, kind, stacked)] for a family; keys with '{i}' are per layer, stacked on axis 0."""
     t, v = "text_model", "vision_model"
@@ -81,7 +88,7 @@ def _table(family):
         (f"{t}.embeddings.position_embedding.weight", ("text", "pos_embedding"), "same"),
         (f"{t}.final_layer_norm.weight", ("text", "encoder", "ln_final", "scale"), "same"),
         (f"{t}.final_layer_norm.bias", ("text", "encoder", "ln_final", "bias"), "same"),
-        (f"{v}.embeddings.patch_embedding.weight", ("image", "patch_embed", "kernel"), "patch"),
+        (f"{v}.embeddings.patch_embedding.weight", ("image", "patch_embed", "kernel"), _PATCH_KIND[family]),
         (f"{v}.embeddings.position_embedding.weight", ("image", "pos_embedding"), "same"),
         (f"{v}.post_layernorm.weight", ("image", "encoder", "ln_final", "scale"), "same"),
         (f"{v}.post_layernorm.bias", ("image", "encoder", "ln_final", "bias"), "same"),
@@ -173,7 +180,7 @@ def _paths(tree, prefix=()):
 
 
 # Our parameters that a family has no tensor for: CLIP has no logit bias (the softmax loss ignores ours).
-_NO_SOURCE = {"clip": {("bias",): 0.0}, "siglip": {}}
+_NO_SOURCE = {"clip": {("bias",): 0.0}, "siglip": {}, "siglip2": {}}
 
 
 def params_from_hf(state, family, abstract_params):

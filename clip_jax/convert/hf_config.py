@@ -1,4 +1,5 @@
-"""HF CLIPConfig / SiglipConfig (as dicts) <-> clip_jax configs; which HF family represents a clip_jax model.
+"""HF CLIPConfig / SiglipConfig / Siglip2Config (as dicts) <-> clip_jax configs; which HF family represents a
+clip_jax model.
 
 The HF dicts are transformers' config classes' to_dict(), so every key has its value (defaults filled in).
 """
@@ -19,6 +20,7 @@ ACT_FROM_HF = {
     "gelu_new": "gelu_tanh",
 }
 ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+NAFLEX_MAX_PATCHES = 256  # Siglip2ImageProcessor's default max_num_patches
 
 
 def _variant(width, depth, mlp_dim, heads):
@@ -46,11 +48,12 @@ def _square(value, what):
     return int(value)
 
 
-def config_from_hf(hf, preprocess=None, tokenizer=None):
+def config_from_hf(hf, preprocess=None, tokenizer=None, max_patches: int = NAFLEX_MAX_PATCHES):
     """HF config (a dict with every key, as transformers' config classes fill them) -> clip_jax ConfigDict.
 
     tokenizer: (tokenizer.kind, model file) of a SigLIP directory's tokenizer (hf_tokenizer.find), which becomes
-    the config's and gives the text tower its pad and end ids (none: left unset). Raises ConversionError for what
+    the config's and gives the text tower its pad and end ids (none: left unset). max_patches: a NaFlex
+    (`siglip2`) model's patch budget per image, its processor's max_num_patches. Raises ConversionError for what
     clip_jax cannot represent, naming it."""
     family = hf.get("model_type")
     if family not in FAMILIES:
@@ -60,7 +63,13 @@ def config_from_hf(hf, preprocess=None, tokenizer=None):
     m = c.model
     if vis.get("num_channels", 3) != 3:
         raise ConversionError(f"vision num_channels={vis['num_channels']}; clip_jax's ViT takes RGB images")
-    size, patch = _square(vis["image_size"], "image_size"), _square(vis["patch_size"], "patch_size")
+    patch = _square(vis["patch_size"], "patch_size")
+    if family == "siglip2":  # NaFlex: no image size; a square position grid resized to each image
+        size, m.image.naflex_max_patches = _naflex_size(vis, patch), max_patches
+        if max_patches <= 0:
+            raise ConversionError(f"max_num_patches={max_patches}: a NaFlex model needs at least one patch")
+    else:
+        size = _square(vis["image_size"], "image_size")
     m.image.variant = f"{_tower(m.image, vis)}/{patch}"
     m.image.patch_size, m.image.image_size, m.image.posemb = patch, size, "learn"
     m.text.variant = _tower(m.text, txt)
@@ -75,6 +84,14 @@ def config_from_hf(hf, preprocess=None, tokenizer=None):
     c.data.image_mean, c.data.image_std, c.data.eval_crop = tuple(mean), tuple(std), crop
     c.data.resample = resample
     return c
+
+
+def _naflex_size(vis, patch):
+    """A NaFlex tower's image_size: its square position grid (num_patches = G * G) times the patch."""
+    grid = math.isqrt(vis["num_patches"])
+    if grid * grid != vis["num_patches"]:
+        raise ConversionError(f"vision num_patches={vis['num_patches']} is not a square position grid")
+    return grid * patch
 
 
 def _clip_config(c, hf, txt):
@@ -149,6 +166,8 @@ def family_of(cfg):
     family = {"cls": "clip", "map": "siglip"}.get(m.image.pool)
     if family is None:
         raise ConversionError(f"model.image.pool={m.image.pool!r}: HF CLIP pools 'cls', SigLIP 'map'")
+    if m.image.naflex_max_patches > 0:
+        family = "siglip2"  # SigLIP's towers, the NaFlex image input
     want = {
         "clip": {
             "image.posemb": "learn", "image.proj": True, "image.proj_bias": False, "image.patch_bias": False,
@@ -159,7 +178,7 @@ def family_of(cfg):
             "text.causal": False, "text.pool": "last", "text.mask_padding": False, "text.proj": True,
             "text.proj_bias": True,
         },
-    }[family]  # fmt: skip
+    }["clip" if family == "clip" else "siglip"]  # fmt: skip  (siglip2 has SigLIP's towers)
     for key, value in want.items():
         tower, name = key.split(".")
         if m[tower][name] != value:
@@ -187,7 +206,11 @@ def config_to_hf(cfg):
             "layer_norm_eps": sub.ln_eps,
         }
 
-    vis = tower(image, m.image) | {"image_size": m.image.image_size, "patch_size": image["patch_size"]}
+    vis = tower(image, m.image) | {"patch_size": image["patch_size"]}
+    if family == "siglip2":  # no image size: the square position grid's size, in patches
+        vis["num_patches"] = (m.image.image_size // image["patch_size"]) ** 2
+    else:
+        vis["image_size"] = m.image.image_size
     txt = tower(text, m.text) | {"vocab_size": m.text.vocab_size, "max_position_embeddings": m.text.max_len}
     txt["pad_token_id"] = m.text.pad_id
     if family == "clip":

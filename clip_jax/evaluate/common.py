@@ -32,7 +32,8 @@ class ModelEncoders:
         self.graphdef = graphdef
 
     def image(self, params, images):
-        """images: [B, S, S, 3] float32, normalised as eval_data.eval_image does."""
+        """images: [B, S, S, 3] float32, normalised as eval_data.eval_image does; for a NaFlex model the dict
+        {'patches' [B, N, p*p*3] float32, 'patch_mask' [B, N] bool, 'spatial_shapes' [B, 2] int32} it makes."""
         return _encode_image(self.graphdef, params, images)
 
     def text(self, params, tokens):

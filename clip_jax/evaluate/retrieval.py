@@ -66,11 +66,11 @@ def encode_images(cfg, section, mesh, encode_image):
     e, pc, pi = section, jax.process_count(), jax.process_index()
     source = pipeline.open_source(e.dataset, e.split, cfg.data.data_dir)
     total = len(source) if e.max_examples < 0 else min(len(source), e.max_examples)
-    local, size, max_len = e.batch_size // pc, cfg.model.image.image_size, cfg.model.text.max_len
+    local, max_len = e.batch_size // pc, cfg.model.text.max_len
     embs, ids, oks, captions, owners = [], [], [], [], []
     for start in range(0, total, e.batch_size):
         idx = list(range(start + pi * local, min(start + (pi + 1) * local, total)))
-        images = np.zeros((local, size, size, 3), np.float32)
+        images = eval_data.image_rows(cfg, local)
         img_id, ok = np.full((local,), -1, np.int32), np.zeros((local,), bool)
         for j, (i, record) in enumerate(zip(idx, _records(source, idx), strict=True)):
             value = pipeline.field(record, e.text_key)
@@ -83,7 +83,8 @@ def encode_images(cfg, section, mesh, encode_image):
             if image is None:
                 log.warning("%s image %d skipped: %s", e.dataset, i, ", ".join(decode.issue_names(bits)))
                 continue
-            images[j], img_id[j], ok[j] = image, i, True
+            eval_data.set_image(images, j, image)
+            img_id[j], ok[j] = i, True
             texts = captions_of(value, max_len)
             captions += texts
             owners += [i] * len(texts)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clip_jax.models import layers, text, vit
+from clip_jax.models import layers, naflex, text, vit
 
 
 class TwoTower(nnx.Module):
@@ -18,14 +18,19 @@ class TwoTower(nnx.Module):
         dtype = layers.compute_dtype(cfg.dtype)
         keys = layers.KeyStream(rngs.params())  # one key from rngs; see KeyStream for why
         common = dict(embed_dim=cfg.embed_dim, dtype=dtype, rngs=keys, scan=cfg.scan_layers)
-        self.image = vit.ViT(cfg.image, remat=tower_remat(cfg, "image"), **common)
+        # A SigLIP 2 NaFlex tower takes patches at native aspect ratio (models/naflex.py) instead of square images.
+        image_tower = naflex.NaFlexViT if cfg.image.get("naflex_max_patches", 0) > 0 else vit.ViT
+        self.image = image_tower(cfg.image, remat=tower_remat(cfg, "image"), **common)
         self.text = text.TextTransformer(cfg.text, remat=tower_remat(cfg, "text"), **common)
         self.log_t = nnx.Param(jnp.asarray(cfg.log_t_init, jnp.float32), sharding_names=())
         self.bias = nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), sharding_names=())
 
     def encode_image(self, images, patch_keys=None):
-        """float32 [B,H,W,3] -> float32 [B, embed_dim], unit norm. patch_keys: see vit.ViT.features (training
-        only; the evaluators pass none and see every patch)."""
+        """float32 [B,H,W,3] (a NaFlex tower: the dict of models/naflex.py's INPUTS) -> float32 [B, embed_dim],
+        unit norm. patch_keys: see vit.ViT.features (training only, never for NaFlex; the evaluators pass none and
+        see every patch)."""
+        if patch_keys is None:
+            return layers.l2_normalize(self.image(images))
         return layers.l2_normalize(self.image(images, patch_keys))
 
     def encode_text(self, tokens):
