@@ -8,7 +8,7 @@ checkpoint, and restoring it yields exactly the batches an uninterrupted run wou
 import functools
 import logging
 import os
-import sys
+import threading
 import time
 
 import grain
@@ -352,18 +352,18 @@ def cached_tar_source(pattern: str, index_dir: str) -> memory.InMemorySource:
 
 
 def die_with_parent(worker_index: int, worker_count: int) -> None:
-    """grain worker init: on Linux the worker is sent SIGKILL when the training process dies (prctl
-    PR_SET_PDEATHSIG), so a run killed with kill -9 or by the OOM killer leaves no orphaned decoder processes."""
+    """grain worker init: a daemon thread in the worker exits it once its parent process is gone, so a run killed
+    with kill -9 or by the OOM killer leaves no orphaned decoder processes. (prctl's PR_SET_PDEATHSIG is tied to
+    the parent's spawning thread, which grain does not keep alive: it killed live workers.)"""
     del worker_index, worker_count
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the call above
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
         os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="clip_jax-parent-watch").start()
 
 
 def train_iterator(cfg):
