@@ -187,11 +187,10 @@ class Checkpointer:
 
 
 def check_compatible(saved: dict, cfg, where: str) -> None:
-    """A checkpoint can be resumed only by a config whose model (shapes) matches; say which keys differ."""
-    import ml_collections
-
+    """A checkpoint can be resumed only by a config whose model (shapes) matches; say which keys differ. A key the
+    saved config lacks (written before the key existed) counts as base()'s default."""
     ours = config_lib.model_fingerprint(cfg)
-    theirs = config_lib.model_fingerprint(ml_collections.ConfigDict(saved))
+    theirs = config_lib.model_fingerprint(config_lib.from_dict(saved, strict=False))
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         raise CheckpointMismatch(

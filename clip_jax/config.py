@@ -333,10 +333,12 @@ def model_fingerprint(cfg) -> dict:
     """The keys that fix the train state (model shapes, and what token ids mean): a checkpoint must agree on all of
     them to be resumed."""
     flat = _flatten(cfg)
-    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too. A NaFlex model's
-    # patch budget is an input size, not a parameter shape: a checkpoint evaluates at any budget.
+    # optim.freeze fixes which parameters have optimizer state, so it shapes the checkpoint too. INPUT_ONLY keys
+    # (a NaFlex patch budget, patch dropout) are not parameter shapes: a checkpoint serves any value of them.
     shaping = [k for k in flat if k.startswith(("model.", "tokenizer.")) and k not in INPUT_ONLY]
     return {k: flat[k] for k in [*shaping, "optim.freeze"]}
 
 
-INPUT_ONLY = ("model.image.naflex_max_patches",)  # model keys that change no parameter (model_fingerprint)
+# Model keys that change no parameter (model_fingerprint): a NaFlex patch budget; FLIP's patch dropout (its final
+# unmasked tuning is a resume with patch_dropout=0).
+INPUT_ONLY = ("model.image.naflex_max_patches", "model.image.patch_dropout")

@@ -127,3 +127,20 @@ def test_cli_prints_one_line_and_exits_2(mode, arg, message):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists("/nonexistent/never")
+
+
+def test_checkpoint_compatibility_ignores_input_only_keys_and_fills_keys_added_since():
+    from clip_jax import checkpoint
+
+    cfg = config_lib.base()
+    saved = cfg.to_dict()
+    del saved["model"]["image"]["patch_dropout"]  # a checkpoint written before the key existed
+    del saved["model"]["image"]["naflex_max_patches"]
+    checkpoint.check_compatible(saved, cfg, "W")
+    tuned = config_lib.base()
+    tuned.model.image.patch_dropout = 0.5  # FLIP's masked phase resumed unmasked, or the other way round
+    checkpoint.check_compatible(saved, tuned, "W")
+    wider = config_lib.base()
+    wider.model.embed_dim = cfg.model.embed_dim * 2
+    with pytest.raises(checkpoint.CheckpointMismatch, match="model.embed_dim: checkpoint"):
+        checkpoint.check_compatible(saved, wider, "W")
