@@ -259,11 +259,16 @@ def _check_model(cfg) -> None:
             )
 
 
+NAFLEX_MAX_PATCHES = 16_384  # a 128 x 128 patch grid
+
+
 def _check_naflex(cfg, patch: int) -> None:
     """A NaFlex image tower (models/naflex.py) is SigLIP 2's: a two_tower family, MAP pooling, a learned position
     grid of image_size / patch, no pre-LN, no projection (its width is the embedding)."""
     image, n = cfg.model.image, cfg.model.image.naflex_max_patches
     why = f"model.image.naflex_max_patches={n} (a SigLIP 2 NaFlex tower)"
+    if n > NAFLEX_MAX_PATCHES:  # every eval batch is padded to the budget: a huge one only exhausts memory
+        raise ConfigError(f"{why} is over {NAFLEX_MAX_PATCHES}; SigLIP 2's checkpoints use 256 to 1024")
     if cfg.model.family != "two_tower":
         raise ConfigError(f"{why} is built for model.family='two_tower', not {cfg.model.family!r}; set it to 0")
     want = {"pool": "map", "posemb": "learn", "pre_ln": False, "proj": False}

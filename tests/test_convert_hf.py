@@ -312,3 +312,48 @@ def test_import_notes_what_the_eval_view_does_not_reproduce(tmp_path):
     assert len(notes) == 1 and "shortest_edge" in notes[0] and notes[0].startswith("note: ")
     odd = {"size": {"height": 224, "width": 224}, "rescale_factor": 1 / 127.5, "do_normalize": False}
     assert len(files.preprocess_notes(_preprocessor_dir(tmp_path, **odd), 224)) == 2
+
+
+def test_damaged_model_files_are_one_line_errors(saved, tmp_path):
+    """What a user trial hit: each of these used to end in a traceback."""
+    import shutil
+
+    name, _, path = saved
+    if name != "clip_eos":
+        pytest.skip("one model is enough for the file handling")
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    weights = (bad / "model.safetensors").read_bytes()
+    for data in (weights[: len(weights) // 2], weights[:50]):  # cut mid-tensor; cut inside the header
+        (bad / "model.safetensors").write_bytes(data)
+        with pytest.raises(hf.ConversionError, match="cannot read the weights in .* damaged or incomplete"):
+            files.import_model(str(bad))
+    (bad / "model.safetensors").unlink()
+    torch.save([1, 2, 3], bad / "pytorch_model.bin")
+    with pytest.raises(hf.ConversionError, match="pytorch_model.bin holds a list, not a state dict"):
+        files.import_model(str(bad))
+    (bad / "pytorch_model.bin").write_text("not a pickle")
+    with pytest.raises(hf.ConversionError, match="cannot read the weights"):
+        files.import_model(str(bad))
+    (bad / "config.json").write_text("{model_type: clip")
+    with pytest.raises(hf.ConversionError, match="config.json is not a JSON object"):
+        files.import_model(str(bad))
+    wider = tmp_path / "wider"
+    shutil.copytree(path, wider)
+    config = json.loads((wider / "config.json").read_text())
+    config["vision_config"]["hidden_size"] *= 2  # weights that do not fit their config.json
+    (wider / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.ConversionError, match="does not fit .* the weights do not match config.json"):
+        files.import_model(str(wider))
+
+
+def test_export_never_overwrites_a_model_directory(saved, tmp_path):
+    name, _, path = saved
+    if name != "siglip":
+        pytest.skip("one model is enough for the file handling")
+    cfg, params = files.import_model(path)
+    with pytest.raises(hf.ConversionError, match="already exists and is not an empty directory"):
+        files.export_model(cfg, params, path)
+    (tmp_path / "empty").mkdir()
+    files.export_model(cfg, params, str(tmp_path / "empty"))  # an empty directory is fine
+    assert (tmp_path / "empty" / "model.safetensors").exists()

@@ -419,3 +419,21 @@ def test_cli_import_eval_and_export(saved, tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     r = run("convert", "--from=open_clip", f"--model-dir={checkpoint}", f"--workdir={tmp_path / 'w2'}")
     assert r.returncode == 2 and "error: " in r.stderr and "--model-config" in r.stderr
+
+
+def test_damaged_weights_and_an_existing_export_dir_are_one_line_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    from clip_jax import config as config_lib
+
+    path = str(tmp_path / "w.safetensors")
+    save_file({"logit_scale": np.zeros((), np.float32), "x": np.ones((64, 64), np.float32)}, path)
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    with pytest.raises(hf.ConversionError, match="cannot read .* damaged or incomplete"):
+        open_clip.read_weights(path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("a user's file")
+    with pytest.raises(hf.ConversionError, match="already exists and is not an empty directory"):
+        open_clip.export_model(config_lib.base(), {}, str(tmp_path / "model"))

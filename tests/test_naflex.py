@@ -131,6 +131,10 @@ def test_naflex_config_checks():
         bad.model.image[key] = value
         with pytest.raises(ConfigError, match=match):
             config_checks._check_model(bad)
+    huge = _naflex_cfg()
+    huge.model.image.naflex_max_patches = 1_000_000  # every eval batch is padded to it
+    with pytest.raises(ConfigError, match="is over 16384; SigLIP 2's checkpoints use 256 to 1024"):
+        config_checks._check_model(huge)
     cfg.model.image.naflex_max_patches = -1
     with pytest.raises(ConfigError, match="naflex_max_patches' must be >= 0"):
         config_checks.validate(cfg, 8, tokenizer=False)

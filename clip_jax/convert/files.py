@@ -33,8 +33,13 @@ def read_hf_config(model_dir):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise hf.ConversionError(f"{model_dir} has no config.json (an HF model directory holds one)")
-    with open(path) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
+        raise hf.ConversionError(
+            f"{path} is not a JSON object ({_one_line(e)}); restore the model's config.json"
+        ) from None
     if model_type not in hf.FAMILIES:
         raise hf.ConversionError(
             f"{path}: model_type {model_type!r} is not supported; clip_jax converts {list(hf.FAMILIES)} "
@@ -110,7 +115,25 @@ def _preprocessor_config(model_dir):
 
 
 def read_hf_weights(model_dir):
-    """{name: float32 np.ndarray} from safetensors (single or sharded) or pytorch_model.bin."""
+    """{name: float32 np.ndarray} from safetensors (single or sharded) or pytorch_model.bin. Raises
+    ConversionError (one line) for a file that is missing, cut short or not a state dict."""
+    try:
+        return _read_hf_weights(model_dir)
+    except hf.ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001  safetensors, torch's unpickler and json raise many types on bad files
+        raise hf.ConversionError(
+            f"cannot read the weights in {model_dir} ({type(e).__name__}: {_one_line(e)}); the file is damaged or "
+            "incomplete (re-download it)"
+        ) from None
+
+
+def _one_line(e: Exception, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_hf_weights(model_dir):
     files = os.listdir(model_dir)
     if "model.safetensors.index.json" in files:
         with open(os.path.join(model_dir, "model.safetensors.index.json")) as f:
@@ -120,6 +143,9 @@ def read_hf_weights(model_dir):
     elif "pytorch_model.bin" in files:
         torch = _need("torch")
         state = torch.load(os.path.join(model_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            kind = type(state).__name__
+            raise hf.ConversionError(f"{model_dir}/pytorch_model.bin holds a {kind}, not a state dict")
         return {k: v.float().numpy() for k, v in state.items()}
     else:
         raise hf.ConversionError(f"{model_dir} has no model.safetensors(.index.json) or pytorch_model.bin")
@@ -203,7 +229,9 @@ def read_checkpoint(workdir):
 
 def export_model(cfg, params, model_dir):
     """Write config.json, model.safetensors, preprocessor_config.json and (SentencePiece kinds) the tokenizer's
-    files, which transformers loads."""
+    files, which transformers loads. Raises ConversionError for a config HF cannot hold or a model_dir that is not
+    empty."""
+    refuse_existing(model_dir)
     family, hf_cfg = hf_config.config_to_hf(cfg)
     width = hf_cfg["vision_config"]["hidden_size"]
     state = hf.params_to_hf(params, family, hf.hf_shape_fixes(family, width))
@@ -218,6 +246,15 @@ def export_model(cfg, params, model_dir):
         json.dump(preprocessor_config(cfg, family), f, indent=2)
     hf_tokenizer.write_files(cfg, model_dir)
     return family
+
+
+def refuse_existing(model_dir) -> None:
+    """Raise ConversionError if the export's directory exists and holds anything (an export would overwrite a model
+    there and leave its other files, e.g. another tokenizer, mixed with the new ones). Called before any work."""
+    if os.path.exists(model_dir) and (not os.path.isdir(model_dir) or os.listdir(model_dir)):
+        raise hf.ConversionError(
+            f"{model_dir} already exists and is not an empty directory; export into a new --model-dir"
+        )
 
 
 def preprocessor_config(cfg, family):

@@ -183,6 +183,21 @@ def _paths(tree, prefix=()):
 _NO_SOURCE = {"clip": {("bias",): 0.0}, "siglip": {}, "siglip2": {}}
 
 
+def _reshaping(to_ours, hf_key, path):
+    """to_ours, with a reshape that cannot fit (weights that do not match config.json) as a one-line error."""
+
+    def convert(w, shape):
+        try:
+            return to_ours(w, shape)
+        except ValueError:
+            raise ConversionError(
+                f"HF {hf_key.split('#')[0]} has shape {w.shape}, which does not fit {'.'.join(path)} "
+                f"{tuple(shape)}: the weights do not match config.json"
+            ) from None
+
+    return convert
+
+
 def params_from_hf(state, family, abstract_params):
     """HF state dict {name: np.ndarray} -> our pure-dict params (float32), shaped like `abstract_params`."""
     state = _split_fused({k: v for k, v in state.items() if not k.endswith("position_ids")})  # buffers
@@ -194,7 +209,7 @@ def params_from_hf(state, family, abstract_params):
             target = _get(abstract_params, path)
         except KeyError:
             raise ConversionError(f"clip_jax has no parameter {'.'.join(path)} for HF {hf_key}") from None
-        to_ours = KINDS[kind][0]
+        to_ours = _reshaping(KINDS[kind][0], hf_key, path)
         if "{i}" in hf_key:
             depth = target.shape[0]
             keys = [hf_key.format(i=i) for i in range(depth)]

@@ -28,7 +28,7 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from clip_jax.convert import open_clip_config
+from clip_jax.convert import files, open_clip_config
 from clip_jax.convert.hf import KINDS, ConversionError
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip constants.py HF_CONFIG_NAME
@@ -146,8 +146,13 @@ def read_weights(path):
     checkpoint {"state_dict": ...}; a 'module.' prefix on every key (DistributedDataParallel) is removed."""
     if path.endswith(".safetensors"):
         safetensors = _need("safetensors")
-        with safetensors.safe_open(path, framework="flax") as f:  # flax: bfloat16 tensors read too
-            state = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+        try:
+            with safetensors.safe_open(path, framework="flax") as f:  # flax: bfloat16 tensors read too
+                state = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on a cut or foreign file
+            raise ConversionError(
+                f"cannot read {path} ({e}); the file is damaged or incomplete (re-download it)"
+            ) from None
     else:
         torch = _need("torch")
         try:
@@ -231,7 +236,9 @@ def import_model(path, model_config=None):
 
 
 def export_model(cfg, params, model_dir):
-    """Write DIR/open_clip_config.json and DIR/open_clip_model.safetensors for open_clip's CLIP."""
+    """Write DIR/open_clip_config.json and DIR/open_clip_model.safetensors for open_clip's CLIP. Raises
+    ConversionError for a config open_clip's CLIP cannot hold or a model_dir that is not empty."""
+    files.refuse_existing(model_dir)
     config = open_clip_config.config_to_open_clip(cfg)
     state = params_to_open_clip(params, config["model_cfg"])
     safetensors_numpy = _need("safetensors.numpy")
