@@ -428,7 +428,8 @@ def test_damaged_weights_and_an_existing_export_dir_are_one_line_errors(tmp_path
 
     path = str(tmp_path / "w.safetensors")
     save_file({"logit_scale": np.zeros((), np.float32), "x": np.ones((64, 64), np.float32)}, path)
-    whole = open(path, "rb").read()
+    with open(path, "rb") as f:
+        whole = f.read()
     with open(path, "wb") as f:
         f.write(whole[: len(whole) // 2])
     with pytest.raises(hf.ConversionError, match="cannot read .* damaged or incomplete"):
