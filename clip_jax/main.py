@@ -250,13 +250,7 @@ def convert():
             if cfg.tokenizer.kind == "hashed_words":  # base()'s default: the import found no tokenizer
                 print(files.NO_TOKENIZER.format(dir=_MODEL_DIR.value), flush=True)
             notes = files.preprocess_notes(_MODEL_DIR.value, cfg.model.image.image_size)
-            for note in notes + hf_tokenizer.notes(_MODEL_DIR.value, cfg):
-                print(note, flush=True)
-            print(
-                f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
-                f"--config=configs/imported.py:{_WORKDIR.value})",
-                flush=True,
-            )
+            _imported(notes + hf_tokenizer.notes(_MODEL_DIR.value, cfg))
         else:
             cfg, params = files.read_checkpoint(_WORKDIR.value)
             family = files.export_model(cfg, params, _MODEL_DIR.value)
@@ -266,6 +260,17 @@ def convert():
         sys.exit(2)
 
 
+def _imported(notes: list[str]) -> None:
+    """The import's notes, then where it went and how to evaluate it."""
+    for note in notes:
+        print(note, flush=True)
+    print(
+        f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
+        f"--config=configs/imported.py:{_WORKDIR.value})",
+        flush=True,
+    )
+
+
 def _convert_open_clip():
     """convert --from open_clip (a directory, or a weights file with --model-config) or --to open_clip."""
     from clip_jax.convert import files, open_clip
@@ -273,13 +278,7 @@ def _convert_open_clip():
     if _FROM.value:
         cfg, params, notes = open_clip.import_model(_MODEL_DIR.value, _MODEL_CONFIG.value)
         files.write_checkpoint(cfg, params, _WORKDIR.value)
-        for note in notes:
-            print(note, flush=True)
-        print(
-            f"imported {_MODEL_DIR.value} into {_WORKDIR.value} (evaluate with "
-            f"--config=configs/imported.py:{_WORKDIR.value})",
-            flush=True,
-        )
+        _imported(notes)
     else:
         cfg, params = files.read_checkpoint(_WORKDIR.value)
         open_clip.export_model(cfg, params, _MODEL_DIR.value)

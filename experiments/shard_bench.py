@@ -75,14 +75,6 @@ def index_at_scale(folder: str, members: int) -> None:
     print(f"  cache on disk {disk / len(rows):.1f} B/sample; process max RSS so far {rss / 1024:.0f} MiB")
 
 
-def time_iterator(it, batch: int, batches: int) -> float:
-    next(it)  # warm-up: opening files, starting threads or workers
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * batch / (time.perf_counter() - start)
-
-
 def rate(args, workers: int, **data) -> float:
     import tiny_cpu
 
@@ -94,7 +86,9 @@ def rate(args, workers: int, **data) -> float:
     cfg.batch_size, cfg.model.image.image_size = args.batch, 224
     cfg.tokenizer.kind, cfg.model.text.vocab_size, cfg.model.text.max_len = "clip_bpe", 49408, 77
     cfg.model.text.eos_id, cfg.model.text.pad_id = 49407, 0
-    return time_iterator(pipeline.train_iterator(cfg), args.batch, args.batches)
+    import input_bench
+
+    return input_bench.time_iterator(pipeline.train_iterator(cfg), args.batch, args.batches)
 
 
 def main() -> None:
