@@ -12,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from run_configs import set_keys  # noqa: E402
 
 from clip_jax.models import layers, text, two_tower, vit  # noqa: E402
 
@@ -58,13 +59,7 @@ def make_cfg(**overrides):
             ),
         )
     )
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, overrides)
 
 
 class Jitted:

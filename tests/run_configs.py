@@ -13,3 +13,14 @@ TINIEST = {
     "data.name": "clip_shapes/small",
     "data.cache": False,
 }
+
+
+def set_keys(cfg, overrides: dict):
+    """cfg with each dotted key ('model.image.depth') set to its value, in place; returns cfg."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return cfg

@@ -8,6 +8,7 @@ import os
 import re
 
 import model_utils  # first: it sets the flax flag the model tests run with
+import run_configs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,14 +129,7 @@ def _batch(cfg, seed=0):
 
 
 def config_lib_copy(cfg, **overrides):
-    cfg = cfg.copy_and_resolve_references()
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+    return run_configs.set_keys(cfg.copy_and_resolve_references(), overrides)
 
 
 def _grad_fn(cfg):

@@ -13,6 +13,7 @@ from clip_jax import state as run_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny_cpu
+from run_configs import set_keys
 
 
 def small_config(data_dir, **overrides):
@@ -24,13 +25,7 @@ def small_config(data_dir, **overrides):
     cfg.model.image.depth = cfg.model.text.depth = 1
     cfg.log_every, cfg.ckpt_every, cfg.eval_every = 10, 0, 0
     cfg.optim.warmup_steps = 10
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+    return set_keys(cfg, overrides)
 
 
 @pytest.fixture(scope="module")
