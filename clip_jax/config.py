@@ -33,6 +33,12 @@ def base() -> ml_collections.ConfigDict:
     # from the GradCache micro-batch shares vs the whole step's gradient (noise_scale.py says what it measures).
     c.noise_scale = False  # log the gradient noise scale (needs accum_steps >= 2); off: the step is unchanged
     c.noise_scale_decay = 0.99  # its moving averages' weight of the past per step, in [0, 1) (0.99: ~100 steps)
+    # Train until a metric reaches a target (target.py); total_steps becomes the budget. The metric is an evaluator's
+    # '<evals section>/<metric>' (checked at each of its periodic runs, e.g. 'zeroshot/top1') or 'loss' (the
+    # training loss over each log interval); reached at >= value for accuracies/recalls, <= for losses.
+    c.target = ml_collections.ConfigDict()
+    c.target.metric = ""  # '' = off: train total_steps
+    c.target.value = 0.0  # the target, in the metric's units (% for accuracies and recalls)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # size of the 'data' mesh axis (-1 = all devices not used by the other axis)

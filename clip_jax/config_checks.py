@@ -18,7 +18,7 @@ import re
 
 # The module itself, not through the evaluate package (whose functions import train, which imports this module).
 import clip_jax.evaluate.templates as templates  # noqa: PLR0402
-from clip_jax import config, losses, nan_policy, sharding
+from clip_jax import config, losses, nan_policy, sharding, target
 from clip_jax.config import ConfigError
 from clip_jax.input import ops, pipeline
 from clip_jax.input import tokenizer as tokenizer_lib
@@ -126,6 +126,7 @@ def validate(cfg, num_devices: int, *, tokenizer: bool = True) -> None:
         _check_tokenizer(cfg)
     _check_optim(cfg)
     _check_evals(cfg, num_devices)
+    target.goal_of(cfg)  # an unknown target metric or one never evaluated
     if FAMILIES[cfg.model.family].captions:
         _check_decoder(cfg)
 

@@ -4,6 +4,7 @@ graphdef that was split off once.
 """
 
 import functools
+import json
 import logging
 import time
 
@@ -16,6 +17,7 @@ from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, warm_start
 from clip_jax import noise_scale as noise_lib
+from clip_jax import target as target_lib
 from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import ops, pipeline, preflight
 from clip_jax.models.families import FAMILIES
@@ -30,6 +32,8 @@ USER_ERRORS = (
     checkpoint_lib.CheckpointWriteError,
     TrainingError,
 )
+
+REPORT = "train_report.json"  # a finished run's report in its workdir (run() writes it)
 
 
 def temperature_cap(cfg) -> float | None:
@@ -286,7 +290,8 @@ def _save(ckpt, step, state, data_it, cfg, averager, skipped, *, force: bool) ->
 
 
 def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report.
+    """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report (also written to
+    <workdir>/train_report.json when the run finishes, i.e. is not preempted).
 
     stop_after: stop (with a checkpoint) after this many steps in this call, as a preemption would.
     The report holds the final metrics, 'history' (every logged interval), 'eval' (every evaluator's metrics,
@@ -324,19 +329,44 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
             "re-run the same command to resume"
         )
         logging.info("%s", result["message"])  # the CLI prints it; Preemption logged the signal
+    elif result.get("target", {}).get("reached"):  # stopped at the target: its evaluation is the final one
+        result["eval"] = result["eval_history"][-1]["metrics"] if result["eval_history"] else {}
+        result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
+        logging.info("target reached at step %d: %s", result["step"], result["target"])
     elif evals and result["step"] == cfg.total_steps:
         result["eval"] = evals.run(state["params"], graphdef)
         result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
         writer.write_scalars(result["step"], result["eval"])
     writer.flush()
     ckpt.close()
+    if not result.get("preempted") and jax.process_index() == 0:
+        _write_report(workdir, result)
     return result
+
+
+def _write_report(workdir: str, result: dict) -> None:
+    """<workdir>/train_report.json: the finished run's report (written whole, then renamed: never half-written)."""
+    from etils import epath
+
+    path = epath.Path(workdir) / REPORT
+    tmp = path.with_name(REPORT + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
+    tmp.rename(path)
+
+
+def _stop_at_target(cfg, step, state, data_it, writer, ckpt, averager, skipped, history, t0) -> None:
+    """The target is met after step `step`: log that step (if its interval was not logged) and checkpoint it."""
+    if not history or history[-1]["step"] != step:
+        history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt, skipped)})
+    if ckpt.latest_step() != step:
+        _save(ckpt, step, state, data_it, cfg, averager, skipped, force=True)
 
 
 def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
     """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
     progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
     averager, history, skipped, t0 = MetricAverager(noise_lib.moving_average(cfg)), [], [], time.perf_counter()
+    target, eval_history, reached = target_lib.Target(cfg), [], False
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
         batch = next(data_it)
@@ -352,15 +382,24 @@ def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, pree
             history.append({"step": step, **_log(writer, step, averager, t0, cfg, ckpt, skipped)})
             progress.log(step, history[-1])
             t0 = time.perf_counter()
+            reached = target.metric == target_lib.LOSS and target.check(step, history[-1])
         if step == end or preempted or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             _save(ckpt, step, state, data_it, cfg, averager, skipped, force=step == end or preempted)
         if preempted:
             break
-        due = evals.due(step)
+        due = evals.due(step) if not reached else []
         if due:
-            writer.write_scalars(step, progress.evaluated(step, evals.run(state["params"], graphdef, due)))
+            metrics = evals.run(state["params"], graphdef, due)
+            writer.write_scalars(step, progress.evaluated(step, metrics))
+            eval_history.append({"step": step, "examples_seen": step * cfg.batch_size, "metrics": metrics})
+            reached = target.check(step, metrics)
+        if reached and step < end:
+            _stop_at_target(cfg, step, state, data_it, writer, ckpt, averager, skipped, history, t0)
+            break
     progress.close()
-    result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history}
+    result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history, "eval_history": eval_history}
+    if target:
+        result["target"] = target.report()
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)
     return state, result

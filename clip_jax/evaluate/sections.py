@@ -49,3 +49,14 @@ TYPES = {
         "text_key": "caption",  # the reference caption(s) feature
     },
 }
+
+# The metrics each type reports that a run can train towards (config `target.metric` = '<section>/<metric>'), and
+# which way is better: 'max' (accuracies and recalls, %; CIDEr-D) or 'min' (perplexity, NLL). Zero-shot sets with
+# held-out classes also report every accuracy with the suffixes '_seen' and '_unseen'.
+_ZEROSHOT = {"top1": "max", "top5": "max", "mean_per_class": "max"}
+METRICS = {
+    "zeroshot": {f"{k}{s}": goal for k, goal in _ZEROSHOT.items() for s in ("", "_seen", "_unseen")},
+    "retrieval": {f"{d}_r{k}": "max" for d in ("i2t", "t2i") for k in (1, 5, 10)},
+    "probe": {"top1": "max", "mean_per_class": "max"},
+    "captioning": {"cider": "max", "perplexity": "min", "nll": "min"},
+}
