@@ -95,7 +95,8 @@ class Target:
     def _report(self, step: int, value: float) -> dict:
         crossing = float(step)
         if self.last is not None and self.last[1] != value:
-            (s0, v0), frac = self.last, (self.value - self.last[1]) / (value - self.last[1])
+            (s0, v0) = self.last
+            frac = (self.value - v0) / (value - v0)
             crossing = s0 + min(max(frac, 0.0), 1.0) * (step - s0)
         return {
             "metric": self.metric, "value": self.value, "reached": True, "step": step, "metric_value": value,
