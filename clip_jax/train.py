@@ -291,7 +291,7 @@ def _save(ckpt, step, state, data_it, cfg, averager, skipped, *, force: bool) ->
 
 def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     """Train cfg in workdir (resuming from its latest checkpoint), evaluate, and return the report (also written to
-    <workdir>/train_report.json when the run finishes, i.e. is not preempted).
+    <workdir>/train_report.json when the run finishes: total_steps trained or the target reached).
 
     stop_after: stop (with a checkpoint) after this many steps in this call, as a preemption would.
     The report holds the final metrics, 'history' (every logged interval), 'eval' (every evaluator's metrics,
@@ -320,7 +320,8 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
     # Signals before this point find nothing new to save and act as usual; from here on they stop the run cleanly.
     with Preemption() as preemption:
-        state, result = _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals)
+        loop = (cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals)
+        state, result, target = _loop(*loop)
         ckpt.wait()  # the last checkpoint is complete before we report (or exit on a preemption)
     result["data_issues"] = issues.counts  # this process's records since it started (or resumed)
     if result.get("preempted"):
@@ -329,17 +330,23 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
             "re-run the same command to resume"
         )
         logging.info("%s", result["message"])  # the CLI prints it; Preemption logged the signal
-    elif result.get("target", {}).get("reached"):  # stopped at the target: its evaluation is the final one
+    elif target.reached and result["step"] < cfg.total_steps:  # stopped at the target: its evaluation is final
         result["eval"] = result["eval_history"][-1]["metrics"] if result["eval_history"] else {}
         result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
-        logging.info("target reached at step %d: %s", result["step"], result["target"])
+        logging.info("target reached at step %d: %s", result["step"], target.report())
     elif evals and result["step"] == cfg.total_steps:
         result["eval"] = evals.run(state["params"], graphdef)
         result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
         writer.write_scalars(result["step"], result["eval"])
+        result["eval_history"].append({"step": result["step"], "examples_seen": result["examples_seen"],
+                                       "metrics": result["eval"]})  # fmt: skip
+        target.check(result["step"], result["eval"])  # the budget's last step counts too
+    if target:
+        result["target"] = target.report()
     writer.flush()
     ckpt.close()
-    if not result.get("preempted") and jax.process_index() == 0:
+    finished = result["step"] == cfg.total_steps or target.reached
+    if finished and jax.process_index() == 0:
         _write_report(workdir, result)
     return result
 
@@ -398,8 +405,6 @@ def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, pree
             break
     progress.close()
     result = {"step": step, "examples_seen": step * cfg.batch_size, "history": history, "eval_history": eval_history}
-    if target:
-        result["target"] = target.report()
     result.update(history[-1] if history else {})
     result.update(skipped_steps=skipped, preempted=step if preempted else None)
-    return state, result
+    return state, result, target

@@ -93,7 +93,7 @@ def test_run_that_misses_the_target_trains_the_budget(shapes_data_dir, tmp_path)
     cfg = _run_cfg(shapes_data_dir, **{"target.metric": "zeroshot/top1", "target.value": 100.5})
     report = train.run(cfg, str(tmp_path / "missed"))
     assert report["step"] == 8 and not report["target"]["reached"]
-    assert [e["step"] for e in report["eval_history"]] == [2, 4, 6]  # the final evaluation is report['eval']
+    assert [e["step"] for e in report["eval_history"]] == [2, 4, 6, 8]  # 8: the final one, report['eval']
     assert report["target"]["metric_value"] == report["eval_history"][-1]["metrics"]["zeroshot/top1"]
     loss = _run_cfg(shapes_data_dir, **{"target.metric": "loss", "target.value": 1e9, "evals.zeroshot.dataset": ""})
     report = train.run(loss, str(tmp_path / "loss"))

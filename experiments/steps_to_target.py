@@ -1,0 +1,414 @@
+r"""Steps-to-target batch-size sweep: how many steps S and examples E each batch size B needs to reach a target, for
+each loss at its best learning rate, the critical batch B_crit fitted from them, and the gradient noise scale.
+
+    python experiments/steps_to_target.py --workdir workdirs/target              # the default sweep (DEFAULTS)
+    python experiments/steps_to_target.py --workdir workdirs/target --dry-run    # the plan and each run's state
+    python experiments/steps_to_target.py --config configs/siglip_b16.py --batch-sizes 4096,16384,65536 \
+        --target-value 40 --budget-examples 2000000000 --devices 256 --emit-commands --workdir gs://bucket/t
+    python experiments/steps_to_target.py --workdir gs://bucket/t --collect ...   # CSVs + analysis of those runs
+
+Every run trains the config until `--target-metric` (an evaluator's metric, checked every ~--check-examples
+examples) reaches `--target-value`, or until `--budget-examples` (config keys target.*, total_steps; train.run
+stops at the target with a checkpoint). The learning rate is constant after `--warmup-steps` of linear warmup, so
+a run's trajectory does not depend on its budget. Per (loss, B):
+
+- learning rates: the --lr-rule's lr (sqrt: Adam's lr ~ sqrt(B), from the config's batch and lr) times each of
+  --lr-factors, run in that order. Each later factor's budget is the fewest steps an earlier factor needed (a run
+  that cannot beat it stops there: with a constant lr that is exactly the longer run's prefix). The best (fewest
+  steps) is the point's; every run is recorded.
+- inits: softmax starts at CLIP's (t = 1/0.07); sigmoid at t = 10 and the prior-matching bias b = -log(B - 1), so
+  that sigmoid(b) = 1/B, the fraction of positive pairs in a B x B batch (it gives -10.4 at SigLIP's B = 32,768);
+  SigLIP's own b = -10 is run as a control at the lr the prior init found best (--control).
+- noise scale: at --noise-batch, one more run per loss at its best lr with GradCache (--noise-accum micro-batches)
+  and config noise_scale on, logging B_simple every few steps (clip_jax/noise_scale.py says what it measures).
+
+Runs live in <workdir>/<name>/ (point.json: its settings; train_report.json: its report once finished); re-running
+the same command skips finished runs and resumes an interrupted one from its checkpoint. The CSVs (runs.csv,
+curves.csv, noise.csv) and the analysis (target_analysis.py: fit, summary.md, PNGs) are rewritten after every run.
+--emit-commands prints one resumable `python -m clip_jax.main train` line per run instead (every lr factor and the
+control at every factor, all at the full budget: the early stops need earlier results) and writes each point.json;
+--collect then builds the CSVs and analysis from whatever runs have finished.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import batch_size_sweep as fixed  # experiments/ is on sys.path when this file runs as a script
+import sweep_results
+import target_analysis
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULTS = {  # sized to finish within 60 minutes on an idle 2-core CPU (README: steps-to-target sweep)
+    "config": "configs/tiny_cpu.py:sweep",
+    "batch_sizes": "32,64,128,256,512,1024",
+    "losses": "softmax,sigmoid",
+    "target_metric": "zeroshot/top1",
+    "target_value": 30.0,
+    "budget_examples": 196_608,
+    "check_examples": 4096,
+    "lr_factors": "1,2,0.5",
+    "warmup_steps": 20,
+    "noise_batch": 256,
+    "noise_accum": 4,
+}
+REPORT = "train_report.json"  # = clip_jax.train.REPORT (not imported: --emit-commands must not load jax)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = DEFAULTS
+    p.add_argument("--config", default=d["config"], help="config file, path[:arg]")
+    p.add_argument("--batch-sizes", default=d["batch_sizes"], help="comma list of global batch sizes")
+    p.add_argument("--losses", default=d["losses"], help="comma list of softmax, sigmoid")
+    p.add_argument("--target-metric", default=d["target_metric"], help="'<evals section>/<metric>' (target.py)")
+    p.add_argument("--target-value", type=float, default=d["target_value"], help="in the metric's units")
+    p.add_argument("--budget-examples", type=int, default=d["budget_examples"], help="most examples per run")
+    p.add_argument("--check-examples", type=int, default=d["check_examples"], help="examples between checks")
+    p.add_argument("--lr-rule", default="sqrt", choices=fixed.LR_RULES, help="lr = base_lr * (B/base_batch)^p")
+    p.add_argument("--lr-factors", default=d["lr_factors"], help="comma list: the rule's lr times each")
+    p.add_argument("--base-batch", type=int, default=0, help="batch at which lr = base lr (0: the config's)")
+    p.add_argument("--base-lr", type=float, default=0.0, help="peak lr at the base batch (0: the config's)")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="linear warmup, then constant lr")
+    p.add_argument("--control", default=True, action=argparse.BooleanOptionalAction, help="sigmoid at b = -10")
+    p.add_argument("--noise-batch", type=int, default=d["noise_batch"], help="batch of the noise runs (0: none)")
+    p.add_argument("--noise-accum", type=int, default=d["noise_accum"], help="GradCache micro-batches (>= 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run (repeatable)")  # fmt: skip
+    p.add_argument("--devices", type=int, default=0, help="as batch_size_sweep.py's --devices")
+    p.add_argument("--workdir", required=True, help="one folder per run, plus the CSVs, summary.md and PNGs")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and each run's state; train nothing")
+    mode.add_argument("--emit-commands", action="store_true", help="print one train command per run")
+    mode.add_argument("--collect", action="store_true", help="CSVs and analysis of the finished runs only")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the sweep: kind 'lr' (an lr candidate), 'control' (sigmoid at b = -10) or 'noise'."""
+
+    kind: str
+    loss: str
+    init: str  # clip | prior | paper
+    batch_size: int
+    lr_factor: float
+    lr: float
+    budget_steps: int
+    eval_every: int
+    warmup_steps: int
+    log_t: float
+    bias: float
+
+    @property
+    def name(self) -> str:
+        head = "noise_" if self.kind == "noise" else ""
+        return f"{head}{self.loss}_{self.init}_b{self.batch_size}_lr{self.lr_factor:g}x"
+
+
+def prior_bias(batch: int) -> float:
+    """b with sigmoid(b) = 1/B: the log-odds of a positive pair in a B x B batch (B >= 2)."""
+    return -math.log(batch - 1)
+
+
+INITS = {  # init name -> (log t, bias as a function of B)
+    "clip": (math.log(1 / 0.07), lambda b: 0.0),
+    "prior": (math.log(10.0), prior_bias),
+    "paper": (math.log(10.0), lambda b: -10.0),
+}
+MAIN_INIT = {"softmax": "clip", "sigmoid": "prior"}
+
+
+def make_run(kind, loss, init, batch, factor, s) -> Run:
+    """A run of `s` (the sweep's settings: Settings) at batch B with lr = the rule's lr * factor."""
+    log_t, bias = INITS[init]
+    lr = fixed.scaled_lr(batch, s.lr_rule, s.base_batch, s.base_lr) * factor
+    return Run(kind, loss, init, batch, factor, lr, max(1, s.budget_examples // batch),
+               max(1, round(s.check_examples / batch)), s.warmup_steps, log_t, bias(batch))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    config: str
+    batches: tuple
+    losses: tuple
+    factors: tuple
+    target_metric: str
+    target_value: float
+    budget_examples: int
+    check_examples: int
+    lr_rule: str
+    base_batch: int
+    base_lr: float
+    warmup_steps: int
+    control: bool
+    noise_batch: int
+    noise_accum: int
+    extra: tuple
+
+
+def run_overrides(run: Run, s: Settings, sections) -> dict:
+    """The config keys a run sets (one source for in-process runs and --emit-commands). Evaluators other than the
+    target's are switched off: only the target's metric is needed, every check_examples examples."""
+    keys = {
+        "batch_size": run.batch_size, "total_steps": run.budget_steps, "optim.lr": run.lr,
+        "optim.warmup_steps": min(run.warmup_steps, run.budget_steps), "optim.end_lr_frac": 1.0,
+        "loss.kind": run.loss, "model.log_t_init": run.log_t, "model.bias_init": run.bias,
+        "target.metric": s.target_metric, "target.value": s.target_value, "eval_every": run.eval_every,
+        "log_every": max(1, run.eval_every // 4), "ckpt_every": max(run.eval_every, run.budget_steps // 4),
+    }  # fmt: skip
+    for name in sections:
+        if name != s.target_metric.partition("/")[0]:
+            keys[f"evals.{name}.dataset"] = ""
+    if run.kind == "noise":
+        keys.update({"accum_steps": s.noise_accum, "noise_scale": True, "noise_scale_decay": 0.95})
+    return keys
+
+
+def spec_of(run: Run, s: Settings) -> dict:
+    """What identifies a run (its point.json): a folder holding another spec is refused, never resumed."""
+    return {**dataclasses.asdict(run), "config": s.config, "target_metric": s.target_metric,
+            "target_value": s.target_value, "overrides": [f"{k}={v}" for k, v in s.extra]}  # fmt: skip
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished_report(workdir: str, run: Run):
+    path = os.path.join(workdir, run.name, REPORT)
+    return _read(path) if os.path.exists(path) else None
+
+
+def reached_steps(report) -> int | None:
+    """The first evaluated step at the target, or None (not reached or not run)."""
+    target = (report or {}).get("target") or {}
+    return target.get("step") if target.get("reached") else None
+
+
+def point_runs(loss: str, batch: int, s: Settings, workdir: str, *, emit: bool) -> list[Run]:
+    """The lr candidates of (loss, B), each capped at the best steps found so far (not when emitting)."""
+    runs, best = [], None
+    for factor in s.factors:
+        run = make_run("lr", loss, MAIN_INIT[loss], batch, factor, s)
+        if best is not None and not emit:
+            run = dataclasses.replace(run, budget_steps=min(run.budget_steps, best))
+        runs.append(run)
+        steps = reached_steps(finished_report(workdir, run))
+        if steps is not None and (best is None or steps < best):
+            best = steps
+    return runs
+
+
+def best_factor(runs: list[Run], workdir: str) -> float | None:
+    """The lr factor of the run that reached the target in the fewest steps (the earlier on a tie)."""
+    done = [(reached_steps(finished_report(workdir, r)), i, r) for i, r in enumerate(runs)]
+    done = [d for d in done if d[0] is not None]
+    return min(done)[2].lr_factor if done else None
+
+
+def follow_up_runs(loss: str, batch: int, factor: float, s: Settings) -> list[Run]:
+    """The sigmoid control (b = -10) and the noise run at (loss, B), at lr factor `factor`, full budget."""
+    out = []
+    if s.control and loss == "sigmoid":
+        out.append(make_run("control", loss, "paper", batch, factor, s))
+    if batch == s.noise_batch:
+        out.append(make_run("noise", loss, MAIN_INIT[loss], batch, factor, s))
+    return out
+
+
+def all_runs(s: Settings, workdir: str, *, emit: bool) -> list[Run]:
+    """Every run in order (smallest batch first, both losses, so a partial sweep already compares them). Without
+    emit, a later lr factor's budget and the follow-ups' lr come from the runs finished so far; with emit, the
+    control runs at every factor and the noise run at the first."""
+    out = []
+    for batch in s.batches:
+        for loss in s.losses:
+            runs = point_runs(loss, batch, s, workdir, emit=emit)
+            out += runs
+            if not emit:
+                out += follow_up_runs(loss, batch, best_factor(runs, workdir) or s.factors[0], s)
+                continue
+            for factor in s.factors:
+                out += [r for r in follow_up_runs(loss, batch, factor, s) if r.kind == "control" or factor == s.factors[0]]
+    return out
+
+
+def check_spec(run: Run, s: Settings, workdir: str) -> None:
+    """SweepError (one line) when the run's folder holds a run with other settings: never resumed or reported."""
+    spec, path = spec_of(run, s), os.path.join(workdir, run.name, "point.json")
+    if os.path.exists(path) and _read(path) != spec:
+        raise fixed.SweepError(f"{os.path.dirname(path)} holds a run with other settings "
+                               f"({fixed._spec_diff(_read(path), spec)}); use another --workdir or delete that folder")
+
+
+def train_run(run: Run, s: Settings, workdir: str, base_cfg) -> dict | None:
+    """Train (or resume) one run in-process; its report, or None when it was preempted (re-run to resume)."""
+    from clip_jax import train
+
+    run_dir = os.path.join(workdir, run.name)
+    check_spec(run, s, workdir)
+    os.makedirs(run_dir, exist_ok=True)
+    fixed._write_json(os.path.join(run_dir, "point.json"), spec_of(run, s))
+    cfg = base_cfg.copy_and_resolve_references()
+    for key, value in run_overrides(run, s, [n for n, x in cfg.evals.items() if x.dataset]).items():
+        fixed.set_key(cfg, key, value)
+    wall_path = os.path.join(run_dir, "wall_partial.json")
+    earlier = _read(wall_path)["wall_s"] if os.path.exists(wall_path) else 0.0
+    start = time.perf_counter()
+    report = train.run(cfg, run_dir)
+    wall = earlier + time.perf_counter() - start
+    if not (report["step"] == run.budget_steps or (report.get("target") or {}).get("reached")):  # preempted
+        fixed._write_json(wall_path, {"wall_s": wall})
+        return None
+    report["wall_s"] = round(wall, 1)
+    fixed._write_json(os.path.join(run_dir, REPORT), report)  # train.run wrote it; now with the wall time
+    return report
+
+
+def emit(s: Settings, workdir: str, base_cfg) -> list[str]:
+    """One CLI train line per run (full budgets), writing each run's point.json so --collect can read them."""
+    sections = [n for n, x in base_cfg.evals.items() if x.dataset]
+    lines = []
+    for run in all_runs(s, workdir, emit=True):
+        flags = [f"--config={s.config}"] + [f"--config.{k}={v}" for k, v in s.extra]
+        flags += [f"--config.{k}={fixed.format_value(v)}" for k, v in run_overrides(run, s, sections).items()]
+        flags.append(f"--workdir={os.path.join(workdir, run.name)}")
+        lines.append(" ".join(["python", "-m", "clip_jax.main", "train", *map(shlex.quote, flags)]))
+        if "://" not in workdir:
+            os.makedirs(os.path.join(workdir, run.name), exist_ok=True)
+            fixed._write_json(os.path.join(workdir, run.name, "point.json"), spec_of(run, s))
+    return lines
+
+
+def collect(workdir: str) -> dict:
+    """{'runs', 'curves', 'noise'}: CSV rows of every finished run folder in workdir (point.json + report)."""
+    tables = {"runs": [], "curves": [], "noise": []}
+    for name in sorted(os.listdir(workdir)):
+        spec_path, report_path = (os.path.join(workdir, name, f) for f in ("point.json", REPORT))
+        if os.path.exists(spec_path) and os.path.exists(report_path):
+            for table, rows in target_analysis.rows_of(_read(spec_path), _read(report_path)).items():
+                tables[table] += rows
+    return tables
+
+
+def write_outputs(workdir: str, s: Settings) -> list[str]:
+    """Rewrite runs.csv, curves.csv, noise.csv and the analysis from the finished runs; the analysis's lines."""
+    tables = collect(workdir)
+    for table, rows in tables.items():
+        sweep_results.write_csv(os.path.join(workdir, f"{table}.csv"), rows, target_analysis.COLUMNS[table])
+    return target_analysis.analyse(workdir, describe(s), s.target_value) if tables["runs"] else []
+
+
+def settings(args) -> tuple[Settings, object]:
+    """(Settings, the base config with --set applied) from the arguments; SweepError / ConfigError / ValueError
+    (one line) for bad ones."""
+    batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
+    factors = tuple(float(f) for f in args.lr_factors.split(",") if f.strip())
+    if not losses or set(losses) - set(MAIN_INIT) or not batches or min(batches) < 2:
+        raise fixed.SweepError("--losses must name softmax and/or sigmoid, --batch-sizes integers >= 2")
+    if not factors or min(factors) <= 0 or len(set(factors)) != len(factors):
+        raise fixed.SweepError(f"--lr-factors must be distinct positive numbers, got {args.lr_factors!r}")
+    if args.budget_examples < max(batches) or args.check_examples < 1 or args.warmup_steps < 0:
+        raise fixed.SweepError("--budget-examples must be at least the largest batch, --check-examples >= 1")
+    if args.noise_batch and (args.noise_accum < 2 or args.noise_batch % args.noise_accum):
+        raise fixed.SweepError("--noise-accum must be >= 2 and divide --noise-batch (GradCache micro-batches)")
+    extra = fixed.parse_set(args.overrides)
+    cfg = fixed.load_config(args.config)
+    for key, text in extra:
+        fixed.set_key(cfg, key, text)
+    section = args.target_metric.partition("/")[0]
+    if section not in {n for n, x in cfg.evals.items() if x.dataset}:
+        raise fixed.SweepError(f"--target-metric {args.target_metric!r}: the config has no evals.{section} that is on")
+    s = Settings(
+        args.config, batches, losses, factors, args.target_metric, args.target_value, args.budget_examples,
+        args.check_examples, args.lr_rule, args.base_batch or cfg.batch_size, args.base_lr or cfg.optim.lr,
+        args.warmup_steps, args.control, args.noise_batch if args.noise_batch in batches else 0, args.noise_accum,
+        tuple(extra),
+    )  # fmt: skip
+    return s, cfg
+
+
+def describe(s: Settings) -> str:
+    power = {"sqrt": "^0.5", "linear": "", "constant": "^0"}[s.lr_rule]
+    return (f"{s.config}: until {s.target_metric} >= {s.target_value:g} or {s.budget_examples:,} examples; lr = "
+            f"{s.base_lr:g} * (B/{s.base_batch}){power} x {{{', '.join(f'{f:g}' for f in s.factors)}}}, constant "
+            f"after {s.warmup_steps} warmup steps")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.devices and not args.emit_commands and "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={args.devices}"  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    from clip_jax import config as config_lib
+
+    try:
+        s, cfg = settings(args)
+        if not (args.emit_commands or args.collect):
+            from clip_jax import config_checks
+
+            config_checks.validate(cfg, args.devices or __import__("jax").device_count())
+    except (fixed.SweepError, config_lib.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"# {describe(s)}")
+    if args.emit_commands:
+        print("\n".join(emit(s, args.workdir, cfg)))
+        return 0
+    if args.collect:
+        for line in write_outputs(args.workdir, s):
+            print(line)
+        return 0
+    if args.dry_run:
+        for run in all_runs(s, args.workdir, emit=False):
+            report = finished_report(args.workdir, run)
+            state = "to train" if report is None else f"done: reached at step {reached_steps(report)}"
+            state = "done: not reached" if report is not None and reached_steps(report) is None else state
+            print(f"{run.name:>32}: lr {run.lr:.3g}, budget {run.budget_steps} steps, {state}")
+        return 0
+    return sweep(s, args.workdir, cfg)
+
+
+def sweep(s: Settings, workdir: str, cfg) -> int:
+    """Train every run not finished yet, in order, rewriting the CSVs and analysis after each."""
+    os.makedirs(workdir, exist_ok=True)
+    while True:
+        try:
+            runs = all_runs(s, workdir, emit=False)
+            for run in runs:  # a finished run of other settings would otherwise be counted as this sweep's
+                check_spec(run, s, workdir)
+            todo = [r for r in runs if finished_report(workdir, r) is None]
+            if not todo:
+                break
+            run = todo[0]
+            print(f"[{len(todo)} to go] {run.name}: lr {run.lr:.3g}, budget {run.budget_steps} steps", flush=True)
+            report = train_run(run, s, workdir, cfg)
+        except fixed.SweepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"interrupted in {run.name} before it trained a step; re-run the same command to resume")
+            return 130
+        if report is None:
+            print(f"interrupted in {run.name}; its checkpoint is saved: re-run the same command to resume")
+            return 0
+        target = report.get("target") or {}
+        print(f"    {'reached at step ' + str(target['step']) if target.get('reached') else 'not reached'}; "
+              f"{report['wall_s']:.0f} s", flush=True)  # fmt: skip
+        write_outputs(workdir, s)
+    for line in write_outputs(workdir, s):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
