@@ -18,7 +18,8 @@ a run's trajectory does not depend on its budget. Per (loss, B):
   steps) is the point's; every run is recorded.
 - inits: softmax starts at CLIP's (t = 1/0.07); sigmoid at t = 10 and the prior-matching bias b = -log(B - 1), so
   that sigmoid(b) = 1/B, the fraction of positive pairs in a B x B batch (it gives -10.4 at SigLIP's B = 32,768);
-  SigLIP's own b = -10 is run as a control at the lr the prior init found best (--control).
+  SigLIP's own b = -10 is run as a control at the lr the prior init found best, stopped like a later lr factor
+  at the prior's steps (--control).
 - noise scale: at --noise-batch, one more run per loss at its best lr with GradCache (--noise-accum micro-batches)
   and config noise_scale on, logging B_simple every few steps (clip_jax/noise_scale.py says what it measures).
 
@@ -207,18 +208,20 @@ def point_runs(loss: str, batch: int, s: Settings, workdir: str, *, emit: bool) 
     return runs
 
 
-def best_factor(runs: list[Run], workdir: str) -> float | None:
-    """The lr factor of the run that reached the target in the fewest steps (the earlier on a tie)."""
+def best_run(runs: list[Run], workdir: str) -> tuple[float, int] | None:
+    """(lr factor, steps) of the run that reached the target in the fewest steps (the earlier on a tie)."""
     done = [(reached_steps(finished_report(workdir, r)), i, r) for i, r in enumerate(runs)]
     done = [d for d in done if d[0] is not None]
-    return min(done)[2].lr_factor if done else None
+    return (min(done)[2].lr_factor, min(done)[0]) if done else None
 
 
-def follow_up_runs(loss: str, batch: int, factor: float, s: Settings) -> list[Run]:
-    """The sigmoid control (b = -10) and the noise run at (loss, B), at lr factor `factor`, full budget."""
+def follow_up_runs(loss: str, batch: int, factor: float, s: Settings, cap: int | None = None) -> list[Run]:
+    """The sigmoid control (b = -10; its budget capped at `cap`, the steps the prior init needed: like a later lr
+    factor, it stops where it can no longer win) and the noise run (full budget) at (loss, B), lr factor `factor`."""
     out = []
     if s.control and loss == "sigmoid":
-        out.append(make_run("control", loss, "paper", batch, factor, s))
+        control = make_run("control", loss, "paper", batch, factor, s)
+        out.append(dataclasses.replace(control, budget_steps=min(control.budget_steps, cap or control.budget_steps)))
     if batch == s.noise_batch:
         out.append(make_run("noise", loss, MAIN_INIT[loss], batch, factor, s))
     return out
@@ -234,7 +237,8 @@ def all_runs(s: Settings, workdir: str, *, emit: bool) -> list[Run]:
             runs = point_runs(loss, batch, s, workdir, emit=emit)
             out += runs
             if not emit:
-                out += follow_up_runs(loss, batch, best_factor(runs, workdir) or s.factors[0], s)
+                factor, cap = best_run(runs, workdir) or (s.factors[0], None)
+                out += follow_up_runs(loss, batch, factor, s, cap)
                 continue
             for factor in s.factors:
                 out += [r for r in follow_up_runs(loss, batch, factor, s) if r.kind == "control" or factor == s.factors[0]]
@@ -288,20 +292,9 @@ def emit(s: Settings, workdir: str, base_cfg) -> list[str]:
     return lines
 
 
-def collect(workdir: str) -> dict:
-    """{'runs', 'curves', 'noise'}: CSV rows of every finished run folder in workdir (point.json + report)."""
-    tables = {"runs": [], "curves": [], "noise": []}
-    for name in sorted(os.listdir(workdir)):
-        spec_path, report_path = (os.path.join(workdir, name, f) for f in ("point.json", REPORT))
-        if os.path.exists(spec_path) and os.path.exists(report_path):
-            for table, rows in target_analysis.rows_of(_read(spec_path), _read(report_path)).items():
-                tables[table] += rows
-    return tables
-
-
 def write_outputs(workdir: str, s: Settings) -> list[str]:
     """Rewrite runs.csv, curves.csv, noise.csv and the analysis from the finished runs; the analysis's lines."""
-    tables = collect(workdir)
+    tables = target_analysis.collect(workdir, REPORT)
     for table, rows in tables.items():
         sweep_results.write_csv(os.path.join(workdir, f"{table}.csv"), rows, target_analysis.COLUMNS[table])
     return target_analysis.analyse(workdir, describe(s), s.target_value) if tables["runs"] else []

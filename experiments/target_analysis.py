@@ -11,6 +11,7 @@ target metric against examples per B) and noise.png (B_simple against step, with
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -46,6 +47,23 @@ def rows_of(spec: dict, report: dict) -> dict:
               **{k: h.get(k, "") for k in COLUMNS["noise"][6:]}}
              for h in report.get("history", []) if "noise_scale" in h]  # fmt: skip
     return {"runs": [run], "curves": curves, "noise": noise}
+
+
+def collect(workdir: str, report_name: str) -> dict:
+    """{'runs', 'curves', 'noise'}: the CSV rows of every finished run folder in workdir (point.json + report)."""
+    tables = {"runs": [], "curves": [], "noise": []}
+    for name in sorted(os.listdir(workdir)):
+        paths = [os.path.join(workdir, name, f) for f in ("point.json", report_name)]
+        if all(os.path.exists(p) for p in paths):
+            spec, report = (_read_json(p) for p in paths)
+            for table, rows in rows_of(spec, report).items():
+                tables[table] += rows
+    return tables
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_csv(path: str) -> list[dict]:
@@ -116,8 +134,9 @@ def summary(title: str, best: dict, fitted: dict, noise: dict) -> list[str]:
     """summary.md's lines: per B the best run of every (loss, init), the fits, and the noise scale."""
     keys = list(best)
     batches = sorted({b for points in best.values() for b in points})
-    lines = [f"# Steps to target: {title}", "", "Per batch B and (loss, init): the best lr factor, the steps S and "
-             "examples E to the target (interpolated crossing), or the metric reached within the budget.", ""]  # fmt: skip
+    intro = ("Per batch B and (loss, init): the best lr factor, the steps S and examples E to the target "
+             "(interpolated crossing), or the metric at the end of the budget.")
+    lines = [f"# Steps to target: {title}", "", intro, ""]
     lines.append("| B | " + " | ".join(f"{l} ({i}): lr x, S, E" for l, i in keys) + " |")
     lines.append("|---" * (len(keys) + 1) + "|")
     for b in batches:
@@ -129,21 +148,47 @@ def summary(title: str, best: dict, fitted: dict, noise: dict) -> list[str]:
             elif p["reached"]:
                 cells.append(f"{p['lr_factor']:g}, {p['crossing_steps']:.0f}, {p['crossing_examples']:,.0f}")
             else:
-                cells.append(f"{p['lr_factor']:g}, not reached in {p['final_step']:.0f} (best {_fmt(p['final_metric'])})")
+                cells.append(f"{p['lr_factor']:g}, not in {p['final_step']:.0f} (last {_fmt(p['final_metric'])})")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
     lines += ["", "Fit S = S_min (1 + B_crit / B) per (loss, init) (experiments/batch_fit.py; 95% bootstrap):", ""]
     for key, fit in fitted.items():
         text = fit if isinstance(fit, str) else fit.summary() + f"; rms log residual {fit.rms_log_residual:.2f}"
         lines.append(f"- {key[0]} ({key[1]}): {text}")
+    lines += compare_losses(best)
     if noise:
-        lines += ["", "Gradient noise scale B_simple (noise runs; median over the second half of training, last "
-                  "value) beside the fitted B_crit:", "", "| loss (init) | B | B_simple (median, 2nd half) | last | logs "
-                  "| B_crit [95%] |", "|---|---|---|---|---|---|"]  # fmt: skip
+        intro = ("Gradient noise scale B_simple (noise runs; median over the second half of training, last value) "
+                 "beside the fitted B_crit:")
+        header = "| loss (init) | B | B_simple (median, 2nd half) | last | logs | B_crit [95%] |"
+        lines += ["", intro, "", header, "|---|---|---|---|---|---|"]
         for (loss, init, b), (median, last, n) in noise.items():
             fit = fitted.get((loss, init))
             fit = None if isinstance(fit, str) else fit
             crit = f"{fit.b_crit:.3g} [{fit.intervals['b_crit'][0]:.3g}, {fit.intervals['b_crit'][1]:.3g}]" if fit else "-"
             lines.append(f"| {loss} ({init}) | {b:,} | {median:.3g} | {last:.3g} | {n} | {crit} |")
+    return lines
+
+
+def compare_losses(best: dict) -> list[str]:
+    """Softmax vs sigmoid per B, each at its best lr and init: steps to the target and their ratio."""
+    by_loss = {}
+    for (loss, init), points in best.items():
+        for b, p in points.items():
+            old = by_loss.setdefault(loss, {}).get(b)
+            if old is None or _rank(p) < _rank(old):
+                by_loss[loss][b] = p
+    if not {"softmax", "sigmoid"} <= set(by_loss):
+        return []
+    intro = ("Softmax vs sigmoid, each at its best lr and init (steps to target; 'not' = not reached within the "
+             "budget, with the metric it ended at):")
+    lines = ["", intro, "", "| B | softmax | sigmoid (init) | sigmoid / softmax |", "|---|---|---|---|"]
+
+    def cell(p):
+        return f"{p['crossing_steps']:.0f}" if p["reached"] else f"not ({_fmt(p['final_metric'])})"
+
+    for b in sorted(set(by_loss["softmax"]) & set(by_loss["sigmoid"])):
+        soft, sig = by_loss["softmax"][b], by_loss["sigmoid"][b]
+        ratio = f"{sig['crossing_steps'] / soft['crossing_steps']:.2f}" if soft["reached"] and sig["reached"] else "-"
+        lines.append(f"| {b:,} | {cell(soft)} | {cell(sig)} ({sig['init']}) | {ratio} |")
     return lines
 
 

@@ -51,14 +51,14 @@ def test_later_lr_factors_stop_at_the_best_steps_so_far(tmp_path):
     _finish(tmp_path, runs[1], 200)
     runs = stt.point_runs("sigmoid", 64, s, str(tmp_path), emit=False)
     assert [r.budget_steps for r in runs] == [s.budget_examples // 64, 300, 200]
-    assert stt.best_factor(runs, str(tmp_path)) == 2.0
+    assert stt.best_run(runs, str(tmp_path)) == (2.0, 200)
     _finish(tmp_path, runs[2], 200)  # a tie keeps the earlier factor
-    assert stt.best_factor(runs, str(tmp_path)) == 2.0
+    assert stt.best_run(runs, str(tmp_path)) == (2.0, 200)
     emitted = stt.point_runs("sigmoid", 64, s, str(tmp_path), emit=True)  # a cluster runs them all in parallel
     assert [r.budget_steps for r in emitted] == [s.budget_examples // 64] * 3
     # The control and the noise run follow at the best factor.
     follow = [r for r in stt.all_runs(s, str(tmp_path), emit=False) if r.batch_size == 64 and r.kind != "lr"]
-    assert [(r.kind, r.init, r.lr_factor) for r in follow] == [("control", "paper", 2.0)]
+    assert [(r.kind, r.init, r.lr_factor, r.budget_steps) for r in follow] == [("control", "paper", 2.0, 200)]
     noise = [r for r in stt.all_runs(s, str(tmp_path), emit=False) if r.kind == "noise"]
     assert [(r.loss, r.batch_size, r.bias) for r in noise] == [("softmax", 256, 0.0), ("sigmoid", 256, stt.prior_bias(256))]
 
