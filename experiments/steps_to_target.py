@@ -14,8 +14,9 @@ a run's trajectory does not depend on its budget. Per (loss, B):
 
 - learning rates: the --lr-rule's lr (sqrt: Adam's lr ~ sqrt(B), from the config's batch and lr) times each of
   --lr-factors, run in that order. Each later factor's budget is the fewest steps an earlier factor needed (a run
-  that cannot beat it stops there: with a constant lr that is exactly the longer run's prefix). The best (fewest
-  steps) is the point's; every run is recorded.
+  that cannot beat it stops there: with a constant lr that is exactly the longer run's prefix). A best at the
+  grid's edge adds the next factor of 2 past it (twice at most). The best (fewest steps) is the point's; every
+  run is recorded.
 - inits: softmax starts at CLIP's (t = 1/0.07); sigmoid at t = 10 and the prior-matching bias b = -log(B - 1), so
   that sigmoid(b) = 1/B, the fraction of positive pairs in a B x B batch (it gives -10.4 at SigLIP's B = 32,768);
   SigLIP's own b = -10 is run as a control at the lr the prior init found best, stopped like a later lr factor
@@ -124,6 +125,7 @@ INITS = {  # init name -> (log t, bias as a function of B)
     "paper": (math.log(10.0), lambda b: -10.0),
 }
 MAIN_INIT = {"softmax": "clip", "sigmoid": "prior"}
+EXTEND = 2  # lr factors added past the grid's edge at most, per (loss, B)
 
 
 def make_run(kind, loss, init, batch, factor, s) -> Run:
@@ -195,17 +197,24 @@ def reached_steps(report) -> int | None:
 
 
 def point_runs(loss: str, batch: int, s: Settings, workdir: str, *, emit: bool) -> list[Run]:
-    """The lr candidates of (loss, B), each capped at the best steps found so far (not when emitting)."""
-    runs, best = [], None
-    for factor in s.factors:
-        run = make_run("lr", loss, MAIN_INIT[loss], batch, factor, s)
-        if best is not None and not emit:
-            run = dataclasses.replace(run, budget_steps=min(run.budget_steps, best))
-        runs.append(run)
-        steps = reached_steps(finished_report(workdir, run))
-        if steps is not None and (best is None or steps < best):
-            best = steps
-    return runs
+    """The lr candidates of (loss, B), each capped at the best steps found so far (not when emitting). When the
+    best is at the grid's edge the grid grows by one factor of 2 past it, at most EXTEND times (not when emitting:
+    that needs the results)."""
+    runs, best, factors = [], None, list(s.factors)
+    while True:
+        for factor in factors[len(runs) :]:
+            run = make_run("lr", loss, MAIN_INIT[loss], batch, factor, s)
+            if best is not None and not emit:
+                run = dataclasses.replace(run, budget_steps=min(run.budget_steps, best))
+            runs.append(run)
+            steps = reached_steps(finished_report(workdir, run))
+            if steps is not None and (best is None or steps < best):
+                best = steps
+        top = best_run(runs, workdir)
+        pending = any(finished_report(workdir, r) is None for r in runs)
+        if emit or pending or top is None or len(factors) >= len(s.factors) + EXTEND or min(factors) < top[0] < max(factors):
+            return runs
+        factors.append(top[0] / 2 if top[0] == min(factors) else top[0] * 2)
 
 
 def best_run(runs: list[Run], workdir: str) -> tuple[float, int] | None:

@@ -54,6 +54,20 @@ def test_later_lr_factors_stop_at_the_best_steps_so_far(tmp_path):
     assert stt.best_run(runs, str(tmp_path)) == (2.0, 200)
     _finish(tmp_path, runs[2], 200)  # a tie keeps the earlier factor
     assert stt.best_run(runs, str(tmp_path)) == (2.0, 200)
+    runs = stt.point_runs("sigmoid", 64, s, str(tmp_path), emit=False)  # best at the upper edge: 4x is tried
+    assert [(r.lr_factor, r.budget_steps) for r in runs[2:]] == [(0.5, 200), (4.0, 200)]
+    _finish(tmp_path, runs[3], 200, reached=False)  # 2x is now inside the grid: nothing more
+    assert len(stt.point_runs("sigmoid", 64, s, str(tmp_path), emit=False)) == 4
+    lower = stt.point_runs("sigmoid", 128, s, str(tmp_path), emit=False)  # another point, best at the lower edge
+    for run, steps in zip(lower, (300, None, 150)):
+        _finish(tmp_path, run, steps or run.budget_steps, reached=steps is not None)
+    lower = stt.point_runs("sigmoid", 128, s, str(tmp_path), emit=False)
+    assert [(r.lr_factor, r.budget_steps) for r in lower[3:]] == [(0.25, 150)]
+    _finish(tmp_path, lower[3], 100)
+    lower = stt.point_runs("sigmoid", 128, s, str(tmp_path), emit=False)
+    assert [(r.lr_factor, r.budget_steps) for r in lower[3:]] == [(0.25, 150), (0.125, 100)]
+    _finish(tmp_path, lower[4], 90)
+    assert len(stt.point_runs("sigmoid", 128, s, str(tmp_path), emit=False)) == 5  # two past the edge at most
     emitted = stt.point_runs("sigmoid", 64, s, str(tmp_path), emit=True)  # a cluster runs them all in parallel
     assert [r.budget_steps for r in emitted] == [s.budget_examples // 64] * 3
     # The control and the noise run follow at the best factor.
@@ -141,11 +155,13 @@ def test_micro_sweep_resumes_and_skips_finished_runs(tmp_path, monkeypatch, caps
     assert "interrupted in softmax_clip_b16_lr1x" in capsys.readouterr().out
     assert stt.main(argv) == 0
     # Target 0%: reached at the first check (step 2 at B=16), so the 2x run's budget is 2 steps.
+    # A tie keeps the earlier factor, 1x: at the grid's lower edge, so 0.5x is tried too.
     assert calls == [("softmax_clip_b16_lr1x", 4), ("softmax_clip_b16_lr1x", 4), ("softmax_clip_b16_lr2x", 2),
-                     ("noise_softmax_clip_b16_lr1x", 4)]  # fmt: skip
+                     ("softmax_clip_b16_lr0.5x", 2), ("noise_softmax_clip_b16_lr1x", 4)]  # fmt: skip
     runs = target_analysis.read_csv(str(workdir / "runs.csv"))
     assert [(r["name"], r["reached"], r["steps"]) for r in runs] == [
-        ("noise_softmax_clip_b16_lr1x", 1, 2.0), ("softmax_clip_b16_lr1x", 1, 2.0), ("softmax_clip_b16_lr2x", 1, 2.0)]
+        ("noise_softmax_clip_b16_lr1x", 1, 2.0), ("softmax_clip_b16_lr0.5x", 1, 2.0), ("softmax_clip_b16_lr1x", 1, 2.0),
+        ("softmax_clip_b16_lr2x", 1, 2.0)]
     noise = target_analysis.read_csv(str(workdir / "noise.csv"))
     assert noise and all(r["name"] == "noise_softmax_clip_b16_lr1x" for r in noise)
     assert (workdir / "summary.md").exists() and (workdir / "curves.png").stat().st_size > 0
