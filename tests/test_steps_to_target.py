@@ -79,7 +79,8 @@ def test_later_lr_factors_stop_at_the_best_steps_so_far(tmp_path):
 
 def test_emitted_commands_parse_back_into_the_run_configs(tmp_path):
     argv = ["--config", "configs/siglip_b16.py", "--batch-sizes", "4096,16384", "--budget-examples", "10000000",
-            "--noise-batch", "4096", "--set", "data.data_dir=/data/tfds", "--target-value", "40"]  # fmt: skip
+            "--noise-batch", "4096", "--set", "data.data_dir=/data/tfds", "--target-metric", "zeroshot/top1",
+            "--target-value", "40"]  # fmt: skip
     s, base = stt.settings(stt.parse_args(["--workdir", str(tmp_path), *argv]))
     lines = stt.emit(s, str(tmp_path), base)
     runs = stt.all_runs(s, str(tmp_path), emit=True)
@@ -137,7 +138,8 @@ def _micro_argv(workdir, data_dir):
             "model.image.depth=1", "model.text.depth=1", "evals.zeroshot.batch_size=64",
             "evals.zeroshot.max_examples=64"]  # fmt: skip
     argv = ["--workdir", str(workdir), "--batch-sizes", "16", "--losses", "softmax", "--lr-factors", "1,2",
-            "--budget-examples", "64", "--check-examples", "32", "--target-value", "0", "--noise-batch", "16",
+            "--budget-examples", "64", "--check-examples", "32", "--target-metric", "zeroshot/top1",
+            "--target-value", "0", "--noise-batch", "16",
             "--noise-accum", "2", "--warmup-steps", "1"]  # fmt: skip
     return argv + [x for item in sets for x in ("--set", item)]
 
