@@ -5,7 +5,7 @@ each loss at its best learning rate, the critical batch B_crit fitted from them,
     python experiments/steps_to_target.py --workdir workdirs/target --dry-run    # the plan and each run's state
     python experiments/steps_to_target.py --config configs/siglip_b16.py --batch-sizes 4096,16384,65536 \
         --target-value 40 --budget-examples 2000000000 --devices 256 --emit-commands --workdir gs://bucket/t
-    python experiments/steps_to_target.py --workdir gs://bucket/t --collect ...   # CSVs + analysis of those runs
+    python experiments/steps_to_target.py --workdir ./t --collect ...   # CSVs + analysis of the finished runs
 
 Every run trains the config until `--target-metric` (an evaluator's metric, checked every ~--check-examples
 examples) reaches `--target-value`, or until `--budget-examples` (config keys target.*, total_steps; train.run
@@ -29,7 +29,8 @@ the same command skips finished runs and resumes an interrupted one from its che
 curves.csv, noise.csv) and the analysis (target_analysis.py: fit, summary.md, PNGs) are rewritten after every run.
 --emit-commands prints one resumable `python -m clip_jax.main train` line per run instead (every lr factor and the
 control at every factor, all at the full budget: the early stops need earlier results) and writes each point.json;
---collect then builds the CSVs and analysis from whatever runs have finished.
+--collect then builds the CSVs and analysis from whatever runs have finished, in a local folder (copy a bucket's
+run folders first, e.g. `gsutil -m cp -r gs://bucket/t .`; point.json files are written through etils.epath).
 """
 
 import argparse
@@ -44,6 +45,7 @@ import time
 import batch_size_sweep as fixed  # experiments/ is on sys.path when this file runs as a script
 import sweep_results
 import target_analysis
+from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -295,9 +297,9 @@ def emit(s: Settings, workdir: str, base_cfg) -> list[str]:
         flags += [f"--config.{k}={fixed.format_value(v)}" for k, v in run_overrides(run, s, sections).items()]
         flags.append(f"--workdir={os.path.join(workdir, run.name)}")
         lines.append(" ".join(["python", "-m", "clip_jax.main", "train", *map(shlex.quote, flags)]))
-        if "://" not in workdir:
-            os.makedirs(os.path.join(workdir, run.name), exist_ok=True)
-            fixed._write_json(os.path.join(workdir, run.name, "point.json"), spec_of(run, s))
+        folder = epath.Path(workdir) / run.name  # local or a bucket (etils' file systems)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "point.json").write_text(json.dumps(spec_of(run, s), indent=1, sort_keys=True))
     return lines
 
 

@@ -51,19 +51,16 @@ def rows_of(spec: dict, report: dict) -> dict:
 
 def collect(workdir: str, report_name: str) -> dict:
     """{'runs', 'curves', 'noise'}: the CSV rows of every finished run folder in workdir (point.json + report)."""
+    from etils import epath
+
     tables = {"runs": [], "curves": [], "noise": []}
-    for name in sorted(os.listdir(workdir)):
-        paths = [os.path.join(workdir, name, f) for f in ("point.json", report_name)]
-        if all(os.path.exists(p) for p in paths):
-            spec, report = (_read_json(p) for p in paths)
+    for folder in sorted(epath.Path(workdir).iterdir()):
+        paths = [folder / f for f in ("point.json", report_name)]
+        if all(p.exists() for p in paths):
+            spec, report = (json.loads(p.read_text()) for p in paths)
             for table, rows in rows_of(spec, report).items():
                 tables[table] += rows
     return tables
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 def read_csv(path: str) -> list[dict]:
