@@ -17,10 +17,26 @@ For a contrastive loss the training loss depends on the batch size (more negativ
 log B), so a 'loss' target is not comparable across batch sizes; use an evaluation metric for batch-size studies.
 """
 
+import json
+
 from clip_jax.config import ConfigError
 from clip_jax.evaluate import sections
 
 LOSS = "loss"
+
+
+def already_reached(workdir: str, report_name: str, cfg, step: int) -> dict | None:
+    """The report of a run in workdir that stopped at this target at `step` (the step it resumes from), so that
+    re-running the finished command trains nothing; None otherwise (no such report, another target or step)."""
+    from etils import epath
+
+    path = epath.Path(workdir) / report_name
+    if not cfg.target.metric or not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    reached = report.get("target") or {}
+    same = (reached.get("metric"), reached.get("value")) == (cfg.target.metric, cfg.target.value)
+    return report if same and reached.get("reached") and report.get("step") == step else None
 
 
 def goal_of(cfg) -> str:

@@ -315,8 +315,13 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     graphdef, shardings, state = _restore_or_init(cfg, mesh, opt, ckpt, data_it)
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["params"])
-    step_fn = compile_step(cfg, mesh, opt, graphdef, shardings)
     start = int(jax.device_get(state["step"]))
+    done = target_lib.already_reached(workdir, REPORT, cfg, start)
+    if done is not None:  # this command already ran to its target: nothing to train
+        logging.info("%s already reached its target at step %d; nothing to train", workdir, start)
+        ckpt.close()
+        return done
+    step_fn = compile_step(cfg, mesh, opt, graphdef, shardings)
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
     # Signals before this point find nothing new to save and act as usual; from here on they stop the run cleanly.
     with Preemption() as preemption:

@@ -87,6 +87,8 @@ def test_run_stops_at_the_target_with_a_checkpoint(shapes_data_dir, tmp_path):
     assert report["history"][-1]["step"] == 2
     with open(tmp_path / "reached" / train.REPORT) as f:  # the finished run's report, for a sweep to collect
         assert json.load(f)["target"] == report["target"]
+    again = train.run(cfg, str(tmp_path / "reached"))  # the same command again: already there, nothing trained
+    assert again["step"] == 2 and again["target"] == report["target"] and _checkpoints(tmp_path / "reached") == [2]
 
 
 def test_run_that_misses_the_target_trains_the_budget(shapes_data_dir, tmp_path):
