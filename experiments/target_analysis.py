@@ -98,6 +98,19 @@ def best_points(runs: list[dict]) -> dict:
     return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
 
+def edge_points(runs: list[dict], best: dict) -> set:
+    """{(loss, init, B)} whose best lr factor is the smallest or largest one tried there: the lr grid did not
+    bracket the optimum (a better lr may exist past it)."""
+    out = set()
+    for (loss, init), points in best.items():
+        for b, p in points.items():
+            tried = [r["lr_factor"] for r in runs if (r["loss"], r["init"], int(r["batch_size"])) == (loss, init, b)
+                     and r["kind"] == "lr"]  # fmt: skip
+            if len(tried) > 1 and p["lr_factor"] in (min(tried), max(tried)):
+                out.add((loss, init, b))
+    return out
+
+
 def fits(best: dict) -> dict:
     """{(loss, init): TradeoffFit or the one-line reason it cannot be fitted}."""
     out = {}
@@ -127,12 +140,14 @@ def _fmt(x, digits=3) -> str:
     return "" if x == "" else f"{x:.{digits}g}" if isinstance(x, float) and x != int(x) else f"{int(x):,}"
 
 
-def summary(title: str, best: dict, fitted: dict, noise: dict) -> list[str]:
-    """summary.md's lines: per B the best run of every (loss, init), the fits, and the noise scale."""
+def summary(title: str, best: dict, fitted: dict, noise: dict, edges: set = frozenset()) -> list[str]:
+    """summary.md's lines: per B the best run of every (loss, init), the fits, and the noise scale. edges: the
+    points whose best lr is at the edge of the factors tried (marked *)."""
     keys = list(best)
     batches = sorted({b for points in best.values() for b in points})
-    intro = ("Per batch B and (loss, init): the best lr factor, the steps S and examples E to the target "
-             "(interpolated crossing), or the metric at the end of the budget.")
+    intro = ("Per batch B and (loss, init): the best lr factor (* = the smallest or largest tried: not bracketed), "
+             "the steps S and examples E to the target (interpolated crossing), or the metric at the end of the "
+             "budget. The control (paper init) runs at the prior init's best lr only.")
     lines = [f"# Steps to target: {title}", "", intro, ""]
     lines.append("| B | " + " | ".join(f"{l} ({i}): lr x, S, E" for l, i in keys) + " |")
     lines.append("|---" * (len(keys) + 1) + "|")
@@ -143,7 +158,8 @@ def summary(title: str, best: dict, fitted: dict, noise: dict) -> list[str]:
             if p is None:
                 cells.append("")
             elif p["reached"]:
-                cells.append(f"{p['lr_factor']:g}, {p['crossing_steps']:.0f}, {p['crossing_examples']:,.0f}")
+                star = "*" if (*key, b) in edges else ""
+                cells.append(f"{p['lr_factor']:g}{star}, {p['crossing_steps']:.0f}, {p['crossing_examples']:,.0f}")
             else:
                 cells.append(f"{p['lr_factor']:g}, not in {p['final_step']:.0f} (last {_fmt(p['final_metric'])})")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
@@ -259,7 +275,7 @@ def analyse(workdir: str, title: str, target: float | None = None) -> list[str]:
     runs, curves, noise = (read_csv(os.path.join(workdir, f"{t}.csv")) for t in ("runs", "curves", "noise"))
     best = best_points(runs)
     fitted = fits(best)
-    lines = summary(title, best, fitted, noise_summary(noise))
+    lines = summary(title, best, fitted, noise_summary(noise), edge_points(runs, best))
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
