@@ -37,7 +37,7 @@ XLA inserts, so getting them would mean running the towers' backward under shard
 would change with the mesh, while GradCache's shares are global (the same estimate on any mesh).
 
 Cost when on: one sum of squares per micro-batch share and one of the step's gradient (no extra pass); off: the
-step's program is unchanged. The moving averages live on the host (train.py's MetricAverager): they restart when a
+step's program is unchanged. The moving averages live on the host (step_log.MetricAverager): they restart when a
 run resumes.
 """
 

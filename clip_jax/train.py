@@ -10,7 +10,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from clip_jax import checkpoint as checkpoint_lib
@@ -23,6 +22,7 @@ from clip_jax.input import ops, pipeline, preflight
 from clip_jax.models.families import FAMILIES
 from clip_jax.preemption import Preemption
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
+from clip_jax.step_log import MetricAverager, metric_writer
 
 # Errors caused by the user's config, data or workdir: the CLI prints their one-line message, not a traceback.
 USER_ERRORS = (
@@ -147,40 +147,6 @@ def abstract_batch(cfg):
         "image": jax.ShapeDtypeStruct((cfg.batch_size, s, s, 3), jnp.uint8),  # as the train pipeline sends it
         "tokens": jax.ShapeDtypeStruct((cfg.batch_size, cfg.model.text.max_len), jnp.int32),
     }
-
-
-class MetricAverager:
-    """Collects per-step device metrics; they reach the host once per log interval (or before a checkpoint).
-    noise: a noise_scale.MovingAverage (cfg.noise_scale), which adds 'noise_scale' to every pop."""
-
-    def __init__(self, noise=None):
-        self.items, self.steps, self.examples, self.noise = [], [], 0, noise
-
-    def add(self, metrics, examples: int, step: int = 0):
-        self.items.append(metrics)
-        self.steps.append(step)
-        self.examples += examples
-
-    def nonfinite_steps(self) -> list[int]:
-        """Steps since the last pop whose loss or gradients were NaN/Inf (their updates were not applied)."""
-        flags = jax.device_get([m["nonfinite"] for m in self.items])
-        return [step for step, bad in zip(self.steps, flags) if bad]
-
-    def pop(self) -> dict:
-        host = jax.device_get(self.items)
-        self.items, self.steps = [], []
-        out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-        out["nonfinite"] = int(sum(m["nonfinite"] for m in host))
-        out["lr"] = float(host[-1]["lr"])
-        if self.noise is not None:
-            out.update(self.noise.log(host))
-        return out
-
-
-def _writer(workdir):
-    from clu import metric_writers  # imports tensorflow: keep it out of module import time
-
-    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
 def _restore_or_init(cfg, mesh, opt, ckpt, data_it):
@@ -308,7 +274,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     mesh = sharding.make_mesh(cfg)
     evals = eval_suite.Suite(cfg, mesh)  # built once; its datasets, class names and prompts are checked now
     ckpt = checkpoint_lib.Checkpointer(workdir, cfg)  # an unusable workdir fails before any compiling
-    opt, writer = optim.make(cfg), _writer(workdir)
+    opt, writer = optim.make(cfg), metric_writer(workdir)
     # Batches arrive as global arrays already on the devices, data.device_prefetch steps ahead of the step.
     issues = pipeline.train_iterator(cfg)  # counts what it skipped and converted (pipeline.IssueCounter)
     data_it = pipeline.prefetch_to_device(issues, cfg.data.device_prefetch, mesh)
