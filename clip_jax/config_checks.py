@@ -56,6 +56,7 @@ OTHER_STRINGS = (
     "model.image.variant", "model.text.variant",  # parsed here against layers.SIZES
     "optim.freeze", "init.params",  # compiled here as regexes
     "init.workdir",  # read when a new run starts (warm_start.py)
+    "target.metric",  # checked here against evaluate/sections.METRICS (target.goal_of)
 )  # fmt: skip
 # The string keys of evals.<name> sections: type (checked by config.check_keys against evaluate/sections.py),
 # templates and class_names (checked here against evaluate/templates.py), datasets, splits and features (opened by

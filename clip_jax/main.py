@@ -77,6 +77,8 @@ def report(result: dict, cfg) -> str:
         lines.append(f"  steps {result['step']}, examples seen {result['examples_seen']:,}")
     if "loss" in result:
         lines.append(f"  final train loss {result['loss']:.4f} (temperature {result['temperature']:.2f})")
+    if result.get("target"):
+        lines.append(_target_line(result["target"], cfg))
     if result.get("data_issues"):
         issues = ", ".join(f"{k} {n}" for k, n in result["data_issues"].items())
         lines.append(f"  input records skipped or converted (this process, this run): {issues}")
@@ -92,6 +94,18 @@ def report(result: dict, cfg) -> str:
         lines.append(f"  written to {result['json']}")
     lines.append("=" * 60)
     return "\n".join(lines)
+
+
+def _target_line(t: dict, cfg) -> str:
+    """One line: where training stopped against config `target` (target.py)."""
+    from clip_jax import target
+
+    goal = f"{t['metric']} {'>=' if target.goal_of(cfg) == 'max' else '<='} {t['value']:g}"
+    if t["reached"]:
+        return (f"  target {goal} reached at step {t['step']} ({t['examples']:,} examples; {t['metric_value']:.4g}, "
+                f"crossing ~step {t['crossing_step']:.1f}); the checkpoint of that step is kept")  # fmt: skip
+    last = "no value seen" if t["metric_value"] is None else f"last value {t['metric_value']:.4g}"
+    return f"  target {goal} not reached within total_steps ({last})"
 
 
 def _zero_shot_lines(title, section, zs) -> list[str]:

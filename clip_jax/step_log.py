@@ -1,5 +1,7 @@
 """The train loop's metrics on their way to the host: averaged per log interval and written through CLU."""
 
+import json
+
 import jax
 import numpy as np
 
@@ -37,3 +39,30 @@ def metric_writer(workdir: str):
     from clu import metric_writers  # imports tensorflow: keep it out of module import time
 
     return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+EVALS = "eval_history.jsonl"  # the periodic evaluations so far, one JSON line each (a resume continues it)
+
+
+def read_evals(workdir: str, upto: int) -> list[dict]:
+    """The evaluations a run in workdir made at steps <= upto (the step it resumes from); later ones belong to
+    steps the checkpoint does not hold and are dropped. [] when there is no such file."""
+    from etils import epath
+
+    path = epath.Path(workdir) / EVALS
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if e["step"] <= upto]
+
+
+def write_evals(workdir: str, entries: list[dict]) -> None:
+    """Rewrite <workdir>/eval_history.jsonl with `entries` (process 0 only; written whole, then renamed)."""
+    if jax.process_index() != 0:
+        return
+    from etils import epath
+
+    path = epath.Path(workdir) / EVALS
+    tmp = path.with_name(EVALS + ".tmp")
+    tmp.write_text("".join(json.dumps(e, sort_keys=True, default=float) + "\n" for e in entries))
+    tmp.replace(path)

@@ -14,7 +14,7 @@ import optax
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, warm_start
+from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, step_log, warm_start
 from clip_jax import noise_scale as noise_lib
 from clip_jax import target as target_lib
 from clip_jax.evaluate import suite as eval_suite
@@ -291,7 +291,7 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
     end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
     # Signals before this point find nothing new to save and act as usual; from here on they stop the run cleanly.
     with Preemption() as preemption:
-        loop = (cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals)
+        loop = (cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals, workdir)
         state, result, target = _loop(*loop)
         ckpt.wait()  # the last checkpoint is complete before we report (or exit on a preemption)
     result["data_issues"] = issues.counts  # this process's records since it started (or resumed)
@@ -302,7 +302,11 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
         )
         logging.info("%s", result["message"])  # the CLI prints it; Preemption logged the signal
     elif target.reached and result["step"] < cfg.total_steps:  # stopped at the target: its evaluation is final
-        result["eval"] = result["eval_history"][-1]["metrics"] if result["eval_history"] else {}
+        history = result["eval_history"]
+        if evals and not (history and history[-1]["step"] == result["step"]):  # a loss target: evaluate now
+            history.append({"step": result["step"], "examples_seen": result["examples_seen"],
+                            "metrics": evals.run(state["params"], graphdef)})  # fmt: skip
+        result["eval"] = history[-1]["metrics"] if history and history[-1]["step"] == result["step"] else {}
         result["sections"] = {name: eval_suite.section(result["eval"], name) for name in evals.evaluators}
         logging.info("target reached at step %d: %s", result["step"], target.report())
     elif evals and result["step"] == cfg.total_steps:
@@ -312,12 +316,14 @@ def run(cfg, workdir: str, *, stop_after: int | None = None) -> dict:
         result["eval_history"].append({"step": result["step"], "examples_seen": result["examples_seen"],
                                        "metrics": result["eval"]})  # fmt: skip
         target.check(result["step"], result["eval"])  # the budget's last step counts too
+        step_log.write_evals(workdir, result["eval_history"])
     if target:
         result["target"] = target.report()
     writer.flush()
     ckpt.close()
     finished = result["step"] == cfg.total_steps or target.reached
-    if finished and jax.process_index() == 0:
+    trained = result["step"] > start or not (epath_exists(workdir, REPORT))  # a no-op re-run keeps the report
+    if finished and trained and jax.process_index() == 0:
         _write_report(workdir, result)
     return result
 
@@ -329,7 +335,13 @@ def _write_report(workdir: str, result: dict) -> None:
     path = epath.Path(workdir) / REPORT
     tmp = path.with_name(REPORT + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
-    tmp.rename(path)
+    tmp.replace(path)
+
+
+def epath_exists(workdir: str, name: str) -> bool:
+    from etils import epath
+
+    return (epath.Path(workdir) / name).exists()
 
 
 def _stop_at_target(cfg, step, state, data_it, writer, ckpt, averager, skipped, history, t0) -> None:
@@ -340,11 +352,14 @@ def _stop_at_target(cfg, step, state, data_it, writer, ckpt, averager, skipped, 
         _save(ckpt, step, state, data_it, cfg, averager, skipped, force=True)
 
 
-def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals):
-    """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations."""
+def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, preemption, evals, workdir):
+    """Steps start+1..end (or until a preemption), with logging, checkpoints and the periodic evaluations (kept in
+    <workdir>/eval_history.jsonl, so a resumed run's report and target crossing include those before the stop)."""
     progress = console.Progress(cfg.total_steps, start, writer=writer, enabled=jax.process_index() == 0)
     averager, history, skipped, t0 = MetricAverager(noise_lib.moving_average(cfg)), [], [], time.perf_counter()
-    target, eval_history, reached = target_lib.Target(cfg), [], False
+    target, eval_history, reached = target_lib.Target(cfg), step_log.read_evals(workdir, start), False
+    for entry in eval_history:  # the evaluations before a resume: the crossing interpolates from the last one
+        target.check(entry["step"], entry["metrics"])
     on_cpu, step, preempted = jax.default_backend() == "cpu", start, False
     for step in range(start + 1, end + 1):
         batch = next(data_it)
@@ -370,6 +385,7 @@ def _loop(cfg, state, step_fn, start, end, writer, ckpt, data_it, graphdef, pree
             metrics = evals.run(state["params"], graphdef, due)
             writer.write_scalars(step, progress.evaluated(step, metrics))
             eval_history.append({"step": step, "examples_seen": step * cfg.batch_size, "metrics": metrics})
+            step_log.write_evals(workdir, eval_history)
             reached = target.check(step, metrics)
         if reached and step < end:
             _stop_at_target(cfg, step, state, data_it, writer, ckpt, averager, skipped, history, t0)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clip_jax import config_checks, target, train
+from clip_jax import config_checks, main, target, train
 from clip_jax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +97,21 @@ def test_run_that_misses_the_target_trains_the_budget(shapes_data_dir, tmp_path)
     assert report["step"] == 8 and not report["target"]["reached"]
     assert [e["step"] for e in report["eval_history"]] == [2, 4, 6, 8]  # 8: the final one, report['eval']
     assert report["target"]["metric_value"] == report["eval_history"][-1]["metrics"]["zeroshot/top1"]
-    loss = _run_cfg(shapes_data_dir, **{"target.metric": "loss", "target.value": 1e9, "evals.zeroshot.dataset": ""})
+    with open(tmp_path / "missed" / train.REPORT) as f:
+        saved = json.load(f)
+    train.run(cfg, str(tmp_path / "missed"))  # the finished command again: no error, its report kept whole
+    with open(tmp_path / "missed" / train.REPORT) as f:
+        assert json.load(f) == saved and len(saved["history"]) == 4
+    assert "target zeroshot/top1 >= 100.5 not reached within total_steps" in main.report(report, cfg)
+    loss = _run_cfg(shapes_data_dir, **{"target.metric": "loss", "target.value": 1e9})
     report = train.run(loss, str(tmp_path / "loss"))
     assert report["step"] == 2 and report["target"]["reached"] and _checkpoints(tmp_path / "loss") == [2]
+    assert "top1" in report["sections"]["zeroshot"]  # stopped before any periodic evaluation: evaluated at the stop
+    assert "target loss <= 1e+09 reached at step 2" in main.report(report, loss)
+
+
+def test_a_resumed_run_keeps_the_evaluations_before_the_stop(shapes_data_dir, tmp_path):
+    cfg = _run_cfg(shapes_data_dir, **{"target.metric": "zeroshot/top1", "target.value": 100.5, "ckpt_every": 1})
+    train.run(cfg, str(tmp_path), stop_after=5)  # as a preemption after step 5: evaluations at 2 and 4 done
+    report = train.run(cfg, str(tmp_path))
+    assert [e["step"] for e in report["eval_history"]] == [2, 4, 6, 8]
