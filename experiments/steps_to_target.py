@@ -56,13 +56,13 @@ DEFAULTS = {  # sized to finish within 60 minutes on an idle 2-core CPU (README:
     "target_metric": "retrieval/t2i_r10",  # caption -> image R@10 on clip_shapes_captions: rises smoothly
     "target_value": 15.0,
     "budget_examples": 98_304,
-    "check_examples": 4096,
+    "check_examples": 0,  # 0: max(4096, budget / 64)
     "lr_factors": "1,2,0.5",
     "warmup_steps": 20,
     "noise_batch": 256,
     "noise_accum": 4,
 }
-REPORT = "train_report.json"  # = clip_jax.train.REPORT (not imported: --emit-commands must not load jax)
+REPORT = "train_report.json"  # = clip_jax.train.REPORT (train.py is not imported by --emit-commands)
 
 
 def parse_args(argv=None):
@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--target-metric", default=d["target_metric"], help="'<evals section>/<metric>' (target.py)")
     p.add_argument("--target-value", type=float, default=d["target_value"], help="in the metric's units")
     p.add_argument("--budget-examples", type=int, default=d["budget_examples"], help="most examples per run")
-    p.add_argument("--check-examples", type=int, default=d["check_examples"], help="examples between checks")
+    p.add_argument("--check-examples", type=int, default=d["check_examples"],
+                   help="examples between target checks (0: max(4096, budget / 64))")  # fmt: skip
     p.add_argument("--lr-rule", default="sqrt", choices=fixed.LR_RULES, help="lr = base_lr * (B/base_batch)^p")
     p.add_argument("--lr-factors", default=d["lr_factors"], help="comma list: the rule's lr times each")
     p.add_argument("--base-batch", type=int, default=0, help="batch at which lr = base lr (0: the config's)")
@@ -193,9 +194,15 @@ def finished_report(workdir: str, run: Run):
 
 
 def reached_steps(report) -> int | None:
-    """The first evaluated step at the target, or None (not reached or not run)."""
+    """The first evaluated step at the target, or None (not reached or not run): a later lr factor's budget."""
     target = (report or {}).get("target") or {}
     return target.get("step") if target.get("reached") else None
+
+
+def crossing_steps(report) -> float | None:
+    """The interpolated crossing (target.py), or None: what ranks the runs, here and in target_analysis.py."""
+    target = (report or {}).get("target") or {}
+    return target.get("crossing_step") if target.get("reached") else None
 
 
 def point_runs(loss: str, batch: int, s: Settings, workdir: str, *, emit: bool) -> list[Run]:
@@ -220,10 +227,14 @@ def point_runs(loss: str, batch: int, s: Settings, workdir: str, *, emit: bool) 
 
 
 def best_run(runs: list[Run], workdir: str) -> tuple[float, int] | None:
-    """(lr factor, steps) of the run that reached the target in the fewest steps (the earlier on a tie)."""
-    done = [(reached_steps(finished_report(workdir, r)), i, r) for i, r in enumerate(runs)]
-    done = [d for d in done if d[0] is not None]
-    return (min(done)[2].lr_factor, min(done)[0]) if done else None
+    """(lr factor, first evaluated step at the target) of the run with the fewest steps to it (the interpolated
+    crossing, as the analysis ranks them; the earlier run on a tie)."""
+    reports = [finished_report(workdir, r) for r in runs]
+    done = [(crossing_steps(rep), i) for i, rep in enumerate(reports) if crossing_steps(rep) is not None]
+    if not done:
+        return None
+    i = min(done)[1]
+    return runs[i].lr_factor, reached_steps(reports[i])
 
 
 def follow_up_runs(loss: str, batch: int, factor: float, s: Settings, cap: int | None = None) -> list[Run]:
@@ -303,9 +314,16 @@ def emit(s: Settings, workdir: str, base_cfg) -> list[str]:
     return lines
 
 
-def write_outputs(workdir: str, s: Settings) -> list[str]:
-    """Rewrite runs.csv, curves.csv, noise.csv and the analysis from the finished runs; the analysis's lines."""
-    tables = target_analysis.collect(workdir, REPORT)
+def write_outputs(workdir: str, s: Settings, notes: bool = False) -> list[str]:
+    """Rewrite runs.csv, curves.csv, noise.csv and the analysis from the finished runs of this sweep's settings
+    (target, config, overrides; folders of other settings are left out, and named when `notes`); the analysis's
+    lines."""
+    same = ("config", "target_metric", "target_value", "overrides")
+    mine = {k: v for k, v in spec_of(make_run("lr", s.losses[0], MAIN_INIT[s.losses[0]], s.batches[0], 1.0, s), s).items()
+            if k in same}  # fmt: skip
+    tables, other = target_analysis.collect(workdir, REPORT, lambda spec: {k: spec.get(k) for k in same} == mine)
+    if notes and other:
+        print(f"left out {len(other)} run folder(s) of other settings: {', '.join(other[:5])}")
     for table, rows in tables.items():
         sweep_results.write_csv(os.path.join(workdir, f"{table}.csv"), rows, target_analysis.COLUMNS[table])
     return target_analysis.analyse(workdir, describe(s), s.target_value) if tables["runs"] else []
@@ -321,21 +339,27 @@ def settings(args) -> tuple[Settings, object]:
         raise fixed.SweepError("--losses must name softmax and/or sigmoid, --batch-sizes integers >= 2")
     if not factors or min(factors) <= 0 or len(set(factors)) != len(factors):
         raise fixed.SweepError(f"--lr-factors must be distinct positive numbers, got {args.lr_factors!r}")
-    if args.budget_examples < max(batches) or args.check_examples < 1 or args.warmup_steps < 0:
-        raise fixed.SweepError("--budget-examples must be at least the largest batch, --check-examples >= 1")
+    if not all(math.isfinite(f) for f in factors) or not math.isfinite(args.target_value):
+        raise fixed.SweepError("--lr-factors and --target-value must be finite numbers")
+    if args.budget_examples < max(batches) or args.check_examples < 0 or args.warmup_steps < 0:
+        raise fixed.SweepError("--budget-examples must be at least the largest batch, --check-examples >= 0")
     if args.noise_batch and (args.noise_accum < 2 or args.noise_batch % args.noise_accum):
         raise fixed.SweepError("--noise-accum must be >= 2 and divide --noise-batch (GradCache micro-batches)")
+    if args.noise_batch and args.noise_batch not in batches:
+        raise fixed.SweepError(f"--noise-batch {args.noise_batch} is not one of --batch-sizes; use one, or 0 for none")
     extra = fixed.parse_set(args.overrides)
     cfg = fixed.load_config(args.config)
     for key, text in extra:
         fixed.set_key(cfg, key, text)
-    section = args.target_metric.partition("/")[0]
-    if section not in {n for n, x in cfg.evals.items() if x.dataset}:
-        raise fixed.SweepError(f"--target-metric {args.target_metric!r}: the config has no evals.{section} that is on")
+    from clip_jax import target as target_lib
+
+    probe = cfg.copy_and_resolve_references()  # the target as the runs will set it: unknown metrics fail now
+    probe.target.metric, probe.target.value, probe.eval_every = args.target_metric, args.target_value, 1
+    target_lib.goal_of(probe)
     s = Settings(
         args.config, batches, losses, factors, args.target_metric, args.target_value, args.budget_examples,
-        args.check_examples, args.lr_rule, args.base_batch or cfg.batch_size, args.base_lr or cfg.optim.lr,
-        args.warmup_steps, args.control, args.noise_batch if args.noise_batch in batches else 0, args.noise_accum,
+        args.check_examples or max(4096, args.budget_examples // 64), args.lr_rule, args.base_batch or cfg.batch_size, args.base_lr or cfg.optim.lr,
+        args.warmup_steps, args.control, args.noise_batch, args.noise_accum,
         tuple(extra),
     )  # fmt: skip
     return s, cfg
@@ -369,10 +393,16 @@ def main(argv=None) -> int:
         print("\n".join(emit(s, args.workdir, cfg)))
         return 0
     if args.collect:
-        for line in write_outputs(args.workdir, s):
+        for line in write_outputs(args.workdir, s, notes=True):
             print(line)
         return 0
     if args.dry_run:
+        try:
+            for run in all_runs(s, args.workdir, emit=False):
+                check_spec(run, s, args.workdir)
+        except fixed.SweepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         for run in all_runs(s, args.workdir, emit=False):
             report = finished_report(args.workdir, run)
             state = "to train" if report is None else f"done: reached at step {reached_steps(report)}"

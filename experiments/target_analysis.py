@@ -49,18 +49,22 @@ def rows_of(spec: dict, report: dict) -> dict:
     return {"runs": [run], "curves": curves, "noise": noise}
 
 
-def collect(workdir: str, report_name: str) -> dict:
-    """{'runs', 'curves', 'noise'}: the CSV rows of every finished run folder in workdir (point.json + report)."""
+def collect(workdir: str, report_name: str, accept=lambda spec: True) -> tuple[dict, list]:
+    """({'runs', 'curves', 'noise'}: the CSV rows of every finished run folder in workdir (point.json + report)
+    whose spec `accept` takes, [names of the finished folders it refused])."""
     from etils import epath
 
-    tables = {"runs": [], "curves": [], "noise": []}
+    tables, refused = {"runs": [], "curves": [], "noise": []}, []
     for folder in sorted(epath.Path(workdir).iterdir()):
         paths = [folder / f for f in ("point.json", report_name)]
         if all(p.exists() for p in paths):
             spec, report = (json.loads(p.read_text()) for p in paths)
+            if not accept(spec):
+                refused.append(folder.name)
+                continue
             for table, rows in rows_of(spec, report).items():
                 tables[table] += rows
-    return tables
+    return tables, refused
 
 
 def read_csv(path: str) -> list[dict]:
@@ -293,7 +297,15 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(args.workdir, "runs.csv")):
         print(f"error: no runs.csv in {args.workdir}; run steps_to_target.py (or its --collect) first", file=sys.stderr)
         return 2
-    for line in analyse(args.workdir, os.path.basename(os.path.abspath(args.workdir)), args.target_value):
+    try:
+        if not read_csv(os.path.join(args.workdir, "runs.csv")):
+            raise ValueError("it has no runs")
+        lines = analyse(args.workdir, os.path.basename(os.path.abspath(args.workdir)), args.target_value)
+    except (KeyError, TypeError, ValueError, csv.Error) as e:
+        print(f"error: {args.workdir}/runs.csv is not a steps_to_target.py table ({type(e).__name__}: {e}); "
+              "rebuild it with steps_to_target.py --collect", file=sys.stderr)  # fmt: skip
+        return 2
+    for line in lines:
         print(line)
     return 0
 

@@ -34,7 +34,7 @@ def test_prior_bias_matches_one_positive_per_row():
 def _finish(workdir, run, step, reached=True):
     os.makedirs(os.path.join(workdir, run.name), exist_ok=True)
     with open(os.path.join(workdir, run.name, stt.REPORT), "w") as f:
-        json.dump({"step": step, "target": {"reached": reached, "step": step}}, f)
+        json.dump({"step": step, "target": {"reached": reached, "step": step, "crossing_step": step - 0.5}}, f)
 
 
 def test_later_lr_factors_stop_at_the_best_steps_so_far(tmp_path):
@@ -130,7 +130,9 @@ def test_analysis_picks_the_best_lr_and_recovers_the_hyperbola(tmp_path):
     assert fit.intervals["s_min"][0] < 200 < fit.intervals["s_min"][1]
     assert any(line.startswith("- softmax (clip): s_min = ") for line in lines)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| 2,048 | 2, " in summary and (tmp_path / "tradeoff.png").stat().st_size > 0
+    assert "| 2,048 | 2*, " in summary and (tmp_path / "tradeoff.png").stat().st_size > 0
+    (tmp_path / "runs.csv").write_text((tmp_path / "runs.csv").read_text()[:300])  # cut mid-row
+    assert target_analysis.main(["--workdir", str(tmp_path)]) == 2  # one line, not a traceback
 
 
 def _micro_argv(workdir, data_dir):
@@ -171,3 +173,10 @@ def test_micro_sweep_resumes_and_skips_finished_runs(tmp_path, monkeypatch, caps
     assert stt.main(argv) == 0
     assert stt.main([*argv, "--target-value", "5"]) == 2  # other settings in the same workdir: refused
     assert "holds a run with other settings" in capsys.readouterr().err
+    assert stt.main([*argv, "--target-value", "5", "--dry-run"]) == 2  # the plan of other settings: refused too
+    assert stt.main([*argv, "--target-value", "5", "--collect"]) == 0  # collects only runs of its own settings
+    assert "left out 4 run folder(s) of other settings" in capsys.readouterr().out
+    for bad, message in ((["--noise-batch", "64"], "is not one of --batch-sizes"),
+                         (["--lr-factors", "1,nan"], "must be finite"),
+                         (["--target-metric", "zeroshot/top9"], "a zeroshot evaluator reports")):  # fmt: skip
+        assert stt.main([*argv, *bad, "--dry-run"]) == 2 and message in capsys.readouterr().err
