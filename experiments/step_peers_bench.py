@@ -85,12 +85,21 @@ def data(batch: int, seed: int = 0):
     return images, tokens
 
 
+def ours_config(batch: int, scan_layers: bool = False):
+    """The same CLIP as a clip_jax config (imported from the HF config, so every option matches), set up as
+    configs/tiny_cpu.py sets up a CPU run: layers unrolled (model.scan_layers=False; the scan's stacked residuals
+    cost ~17% of the step's CPU time here, experiments/results/step_breakdown.md)."""
+    cfg = hf_config.config_from_hf(hf_clip_config().to_dict())
+    cfg.batch_size, cfg.total_steps, cfg.optim.warmup_steps, cfg.optim.lr = batch, 10_000, 100, 1e-4
+    cfg.model.scan_layers = scan_layers
+    return cfg
+
+
 class Ours:
     name = "clip_jax"
 
-    def __init__(self, batch, images, tokens):
-        cfg = hf_config.config_from_hf(hf_clip_config().to_dict())
-        cfg.batch_size, cfg.total_steps, cfg.optim.warmup_steps, cfg.optim.lr = batch, 10_000, 100, 1e-4
+    def __init__(self, batch, images, tokens, scan_layers=False):
+        cfg = ours_config(batch, scan_layers)
         mesh = sharding.make_mesh(cfg)
         opt = optim.make(cfg)
         graphdef, self.state, shardings = train.init_state(cfg, mesh, opt)

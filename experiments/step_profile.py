@@ -13,7 +13,9 @@ different threads overlap, so it can be negative). With --hlo the optimised HLO 
 """
 
 import argparse
+import ast
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -36,10 +38,7 @@ from clip_jax import optim, sharding, train  # noqa: E402
 def peers_config(batch):
     import step_peers_bench as peers  # noqa: PLC0415  (imports torch and transformers: only for this model)
 
-    from clip_jax.convert import hf_config  # noqa: PLC0415
-
-    cfg = hf_config.config_from_hf(peers.hf_clip_config().to_dict())
-    cfg.batch_size, cfg.total_steps, cfg.optim.warmup_steps = batch or 256, 10_000, 100
+    cfg = peers.ours_config(batch or 256)
     images, tokens = peers.data(cfg.batch_size)
     return cfg, {"image": images, "tokens": tokens}
 
@@ -83,30 +82,35 @@ def hlo_ops(hlo_text):
     return ops
 
 
+MOVES = {"bitcast", "copy", "transpose", "slice", "concatenate", "dynamic-slice", "dynamic-update-slice",
+         "broadcast", "reshape", "pad"}
+
+
 def group(name, ops):
-    """The breakdown group of one op event."""
-    desc, kind, line = ops.get(name, ("?", "", ""))
+    """The breakdown group of one op event, from its fused opcodes and its op_name (JAX's name stack: the model's
+    named scopes 'attention', 'mlp/activation', 'layernorm', and train.py's 'loss' and 'optimizer')."""
+    desc, _, line = ops.get(name, ("?", "", ""))
     meta = re.search(r'op_name="([^"]*)"', line)
     where = meta.group(1) if meta else ""
-    if "dot" in desc or "convolution" in desc or "__onednn$matmul" in line or "xnn" in line:
-        if "bqhk" in where or "bhqs" in where or "attn" in where and ("b" in where and "q" in where):
-            return "matmul: attention scores/values" if re.search(r"bqhk,bshk|bhqs,bshk|bhqs|bqhk", where) else \
-                "matmul: weights"
-        return "matmul: weights"
-    if "scatter" in desc or "gather" in desc:
-        return "gather/scatter (embedding, pooling)"
-    if "reduce" in desc and "exponential" in desc:
-        return "softmax / logsumexp"
-    if desc.startswith(("copy", "transpose")) or desc in ("fusion:copy", "fusion:transpose"):
-        return "copy / transpose"
-    if "adam" in where or "optax" in where or "clip_by_global_norm" in where or "update" in where:
-        return "optimizer"
-    if "loss" in where or "ring" in where or "contrastive" in where:
+    inner = set(desc.partition(":")[2].split(",")) if ":" in desc else {desc}
+    if "optimizer" in where:
+        return "optimizer update (AdamW, clipping, finite check)"
+    if "/loss/" in where or where.endswith("/loss"):
         return "loss"
-    if "rsqrt" in desc or "LayerNorm" in where:
+    if inner & {"dot", "convolution"}:
+        if re.search(r"bqhk,bshk|bhqs,bshk", where):
+            return "matmul: attention scores and values"
+        return "matmul: weights"
+    if inner <= MOVES:
+        return "copies, transposes, broadcasts"
+    if "layernorm" in where:
         return "layernorm"
-    if "exponential" in desc or "logistic" in desc or "tanh" in desc or "erf" in desc:
-        return "gelu / exp"
+    if "activation" in where:
+        return "mlp activation"
+    if "attention" in where:
+        return "attention softmax, mask, bias"
+    if inner & {"gather", "scatter"}:
+        return "gather/scatter (embedding, pooling)"
     return "other elementwise / reduce"
 
 
@@ -125,12 +129,18 @@ def main():
     p.add_argument("--model", default="peers", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=0, help="0: the model's default (peers 256, tiny_cpu 128)")
     p.add_argument("--remat", default="none")
+    p.add_argument("--set", action="append", default=[], help="a config override, e.g. model.scan_layers=False")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25, help="also list the N most expensive ops")
     p.add_argument("--hlo", default="", help="write the optimised HLO text here")
     args = p.parse_args()
     cfg, host_batch = MODELS[args.model](args.batch)
     cfg.model.remat = args.remat
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = functools.reduce(lambda c, k: c[k], path, cfg)
+        node[last] = ast.literal_eval(value) if not isinstance(node[last], str) else value
     mesh = sharding.make_mesh(cfg)
     opt = optim.make(cfg)
     graphdef, state, shardings = train.init_state(cfg, mesh, opt)

@@ -139,6 +139,7 @@ class LayerNorm(nnx.Module):
         self.scale = param(rngs, ones, (width,), ("embed",))
         self.bias = param(rngs, zeros, (width,), ("embed",))
 
+    @jax.named_scope("layernorm")
     def __call__(self, x):
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
@@ -156,8 +157,12 @@ class Mlp(nnx.Module):
         self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
+    @jax.named_scope("mlp")
     def __call__(self, x):
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+        h = self.fc1(x)
+        with jax.named_scope("activation"):
+            h = ACTIVATIONS[self.act](h)
+        return self.fc2(h)
 
 
 class Attention(nnx.Module):
@@ -180,6 +185,7 @@ class Attention(nnx.Module):
         b = getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w) + b
 
+    @jax.named_scope("attention")
     def __call__(self, x_q, x_kv, mask=None):
         """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend)."""
         # Scale q before the product so bf16 logits stay small.
