@@ -169,11 +169,11 @@ def matmul_rates(m, k, n, reps=5):
     return out
 
 
-def build(batch, images, tokens):
+def build(batch, images, tokens, scan_layers=False):
     torch.manual_seed(0)
     hf = Torch("transformers", transformers.CLIPModel(hf_clip_config()), hf_features, images, tokens)
     oc = open_clip_model_module().CLIP(**open_clip_config())
-    return [Ours(batch, images, tokens), hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
+    return [Ours(batch, images, tokens, scan_layers), hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
 
 
 def main():
@@ -182,13 +182,14 @@ def main():
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds (ours, HF, open_clip)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--scan-layers", action="store_true", help="clip_jax: scan over the layers (the base default)")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
     if jax.device_count() != 1:
         sys.exit(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
     torch.set_num_threads(args.threads)
     images, tokens = data(args.batch)
-    impls = build(args.batch, images, tokens)
+    impls = build(args.batch, images, tokens, args.scan_layers)
     counts = {i.name: i.params for i in impls}
     print(f"parameters: {counts}")
     for impl in impls:  # warm-up: compile (ours), allocator and optimizer state (all)
@@ -212,7 +213,7 @@ def main():
     print(f"load average: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "a") as f:
-            row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates, "median": med}
+            row = {"batch": args.batch, "threads": args.threads, "scan_layers": args.scan_layers, "params": counts, "rates": rates, "median": med}
             f.write(json.dumps({**row, "matmul_gflops": floor, "load": os.getloadavg()[0]}) + "\n")
 
 
