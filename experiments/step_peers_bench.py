@@ -213,7 +213,8 @@ def main():
     print(f"load average: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "a") as f:
-            row = {"batch": args.batch, "threads": args.threads, "scan_layers": args.scan_layers, "params": counts, "rates": rates, "median": med}
+            row = {"batch": args.batch, "threads": args.threads, "scan_layers": args.scan_layers, "params": counts}
+            row.update(rates=rates, median=med)
             f.write(json.dumps({**row, "matmul_gflops": floor, "load": os.getloadavg()[0]}) + "\n")
 
 

@@ -8,7 +8,8 @@ Runs without XLA_FLAGS device forcing (one CPU device). Traces `--steps` steps (
 Perfetto JSON the profiler writes, and sums the duration of every XLA op event (on CPU: one event per thunk, i.e.
 per fusion / custom call / copy of the optimised HLO) by group. The groups come from the optimised HLO's op names
 and fusion kinds (the compiled module's text: a fusion's root and its "kind"), so a fusion that does a matmul
-counts as a matmul whatever its name. The host gap is the step's wall time minus the summed op time (ops on
+counts as a matmul whatever its name. Page faults and user/kernel CPU time per step come from getrusage around
+the untraced steps. The host gap is the step's wall time minus the summed op time (ops on
 different threads overlap, so it can be negative). With --hlo the optimised HLO text is written there.
 """
 
@@ -21,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -154,11 +156,13 @@ def main():
     for _ in range(2):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    t = time.perf_counter()
+    t, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
     wall = (time.perf_counter() - t) / args.steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    per_step = {k: (getattr(after, k) - getattr(usage, k)) / args.steps for k in ("ru_minflt", "ru_utime", "ru_stime")}
     logdir = tempfile.mkdtemp(prefix="step_profile_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
         for _ in range(args.steps):
@@ -172,8 +176,11 @@ def main():
     for name, ms in per_op.items():
         groups[group(name, ops)] += ms
     total = sum(groups.values())
+    temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
     print(f"{args.model} B={cfg.batch_size} remat={args.remat}: step {1e3 * wall:.1f} ms untraced "
           f"({cfg.batch_size / wall:.1f} examples/s); ops {total:.1f} ms; load {os.getloadavg()[0]:.2f}")
+    print(f"per step: {per_step['ru_minflt']:.0f} page faults, CPU {per_step['ru_utime']:.2f} s user + "
+          f"{per_step['ru_stime']:.2f} s kernel; temp buffer {temp_gib:.2f} GiB")
     print("| group | ms / step | share of op time |")
     print("|---|---|---|")
     for g, ms in groups.most_common():
