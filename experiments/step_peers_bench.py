@@ -1,7 +1,8 @@
 """One CLIP train step in clip_jax against the same model in HF transformers (CLIPModel) and open_clip (CLIP).
 
     python experiments/step_peers_bench.py                       # issue 18's tiny CLIP, batch 256, 2 torch threads
-    python experiments/step_peers_bench.py --rounds 5 --steps 4 --json experiments/results/step_peers.jsonl
+    python experiments/step_peers_bench.py --rounds 6 --steps 2 --json experiments/results/step_peers.jsonl
+    python experiments/step_peers_bench.py --ours scan     # from a checkout before issue 18's changes: "before"
 
 Run it WITHOUT XLA_FLAGS device forcing: one CPU device using every core, as torch uses its threads.
 The model (issue 18): image tower width 192, 4 layers, 3 heads, mlp 768, 64 px images in 8 px patches (64 tokens +
@@ -11,9 +12,12 @@ projections without bias). fp32 everywhere.
 
 Each step: forward of both towers, CLIP's symmetric softmax contrastive loss with a learnable logit scale,
 backward, global-norm gradient clipping at 1.0 and AdamW (clip_jax: train.train_step jitted as train.py does, with
-the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Rounds alternate ours / HF /
-open_clip so a load change on the shared machine hits all three alike; each figure is the median over rounds of
-the examples/s of `--steps` consecutive steps after warm-up. The matmul floor (a 2048^3 fp32 matmul and the
+the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Rounds alternate ours (unrolled
+layers as configs/tiny_cpu.py, and the layer scan, the base default) / HF / open_clip so a load change on the
+shared machine hits all alike; each figure is the median over rounds of the examples/s of `--steps` consecutive
+steps after warm-up. Each round also records how many cores OTHER processes used meanwhile (/proc/stat minus our
+own CPU time): torch's threads lose far more than XLA's when another process takes a core, so only rounds on a
+quiet machine compare fairly, and those are reported separately. The matmul floor (a 2048^3 fp32 matmul and the
 model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
 """
 
@@ -169,11 +173,58 @@ def matmul_rates(m, k, n, reps=5):
     return out
 
 
-def build(batch, images, tokens, scan_layers=False):
+def build(batch, images, tokens, ours):
     torch.manual_seed(0)
+    impls = [Ours(batch, images, tokens, scan_layers=v == "scan") for v in ours]
+    for impl, variant in zip(impls, ours):
+        impl.name = "clip_jax" if variant == "unrolled" else "clip_jax (scan)"
     hf = Torch("transformers", transformers.CLIPModel(hf_clip_config()), hf_features, images, tokens)
     oc = open_clip_model_module().CLIP(**open_clip_config())
-    return [Ours(batch, images, tokens, scan_layers), hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
+    return impls + [hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
+
+
+def busy_seconds():
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat), or 0 where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return 0.0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_rounds(impls, rounds, steps, batch):
+    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}."""
+    rates, others = {i.name: [] for i in impls}, {i.name: [] for i in impls}
+    for r in range(rounds):
+        for impl in impls:
+            t, busy, mine = time.perf_counter(), busy_seconds(), sum(os.times()[:2])
+            loss = impl.run(steps)
+            wall = time.perf_counter() - t
+            rates[impl.name].append(batch * steps / wall)
+            others[impl.name].append(max(0.0, busy_seconds() - busy - (sum(os.times()[:2]) - mine)) / wall)
+        print(
+            f"round {r}: "
+            + ", ".join(f"{k} {v[-1]:.1f}/s (others {others[k][-1]:.2f} cores)" for k, v in rates.items())
+            + f"; last loss {loss:.3f}",
+            flush=True,
+        )
+    return rates, others
+
+
+def report(rates, others, quiet):
+    """Medians over all rounds, and over the rounds where other processes used < `quiet` cores."""
+    ours = next(iter(rates))
+    selections = (("all rounds", lambda o: True), (f"quiet rounds (others < {quiet} cores)", lambda o: o < quiet))
+    for label, keep in selections:
+        kept = {k: [x for x, o in zip(v, others[k]) if keep(o)] for k, v in rates.items()}
+        if not all(kept.values()):
+            print(f"{label}: none")
+            continue
+        med = {k: statistics.median(v) for k, v in kept.items()}
+        print(f"\n{label}:\n| implementation | examples/s (median) | rounds | {ours} / it |\n|---|---|---|---|")
+        for k, v in kept.items():
+            print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med[ours] / med[k]:.2f} |")
 
 
 def main():
@@ -182,40 +233,30 @@ def main():
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds (ours, HF, open_clip)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--scan-layers", action="store_true", help="clip_jax: scan over the layers (the base default)")
+    p.add_argument("--ours", default="unrolled,scan", help="clip_jax variants: unrolled (tiny_cpu's), scan")
+    p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
     if jax.device_count() != 1:
         sys.exit(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
     torch.set_num_threads(args.threads)
     images, tokens = data(args.batch)
-    impls = build(args.batch, images, tokens, args.scan_layers)
+    impls = build(args.batch, images, tokens, args.ours.split(","))
     counts = {i.name: i.params for i in impls}
     print(f"parameters: {counts}")
     for impl in impls:  # warm-up: compile (ours), allocator and optimizer state (all)
         impl.run(1)
-    rates = {i.name: [] for i in impls}
-    for r in range(args.rounds):
-        for impl in impls:
-            t = time.perf_counter()
-            loss = impl.run(args.steps)
-            rates[impl.name].append(args.batch * args.steps / (time.perf_counter() - t))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in rates.items()) + f" (last loss {loss:.3f})")
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    rates, others = timed_rounds(impls, args.rounds, args.steps, args.batch)
+    report(rates, others, args.quiet)
     floor = {"2048^3": matmul_rates(2048, 2048, 2048)}
     floor["model"] = matmul_rates(args.batch * ((IMAGE // PATCH) ** 2 + 1), VISION["width"], 4 * VISION["width"])
-    print("| implementation | examples/s (median) | rounds | ours / it |")
-    print("|---|---|---|---|")
-    for k, v in rates.items():
-        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med['clip_jax'] / med[k]:.2f} |")
     for k, v in floor.items():
         print(f"matmul {k}: jax {v['jax']:.1f} GFLOP/s, torch {v['torch']:.1f} GFLOP/s")
     print(f"load average: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "a") as f:
-            row = {"batch": args.batch, "threads": args.threads, "scan_layers": args.scan_layers, "params": counts}
-            row.update(rates=rates, median=med)
-            f.write(json.dumps({**row, "matmul_gflops": floor, "load": os.getloadavg()[0]}) + "\n")
+            row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates, "others": others}
+            f.write(json.dumps({**row, "matmul_gflops": floor, "time": time.time()}) + "\n")
 
 
 if __name__ == "__main__":
