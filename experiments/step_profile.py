@@ -97,7 +97,7 @@ def group(name, ops):
     inner = set(desc.partition(":")[2].split(",")) if ":" in desc else {desc}
     if "optimizer" in where:
         return "optimizer update (AdamW, clipping, finite check)"
-    if "/loss/" in where or where.endswith("/loss"):
+    if re.search(r"[/(]loss[/)]", where):  # train.total_loss's scope: 'jvp(loss)/...', 'transpose(jvp(loss))/...'
         return "loss"
     if inner & {"dot", "convolution"}:
         if re.search(r"bqhk,bshk|bhqs,bshk", where):
