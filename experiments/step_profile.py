@@ -191,7 +191,8 @@ def main():
         desc, kind, line = ops[name]
         meta = re.search(r'op_name="([^"]*)"', line)
         shape = line.split("=")[1].split(" ")[1] if "=" in line else ""
-        print(f"{ms:7.2f} ms  {name:40s} {desc[:50]:50s} {shape[:40]:40s} {(meta.group(1) if meta else '')[-70:]}")
+        where = (meta.group(1) if meta else "")[-70:]
+        print(f"{ms:7.2f} ms  {group(name, ops)[:24]:24s} {name:32s} {desc[:44]:44s} {shape[:32]:32s} {where}")
 
 
 if __name__ == "__main__":
