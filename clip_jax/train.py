@@ -57,6 +57,7 @@ def clamp_temperature(params, cfg):
     return {**params, "log_t": capped_log_t(params["log_t"], cfg)}
 
 
+@jax.named_scope("loss")  # names its ops in profiles (experiments/step_profile.py)
 def total_loss(out, cfg, mesh):
     """The model's outputs (see TwoTower.__call__) -> (loss, aux): weighted contrastive loss over the whole global
     batch (the sharded ring loss), plus the captioning cross-entropy per scored token for families that caption.
@@ -104,19 +105,21 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     grad_fn = grad_cache.make(cfg, mesh, graphdef, functools.partial(total_loss, cfg=cfg, mesh=mesh))
     (loss, aux), grads = grad_fn(trainable, frozen, batch)
     aux, noise = noise_lib.step_metrics(aux, grads, cfg)  # cfg.noise_scale: its per-step estimates; else {}
-    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
-    # The stored temperature never exceeds the cap (a frozen one is left as it is: the loss caps it anyway).
-    params = optim.merge(clamp_temperature(optax.apply_updates(trainable, updates), cfg), frozen)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Keep the last good state on NaN/Inf so the loop can stop without losing (or checkpointing) a poisoned state.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "rng": jax.random.fold_in(state["rng"], 1),
-    }
+    with jax.named_scope("optimizer"):
+        updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+        # The stored temperature never exceeds the cap (a frozen one is left as it is: the loss caps it anyway).
+        params = optim.merge(clamp_temperature(optax.apply_updates(trainable, updates), cfg), frozen)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Keep the last good state on NaN/Inf so the loop can stop without losing (or checkpointing) a poisoned
+        # state.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "rng": jax.random.fold_in(state["rng"], 1),
+        }
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

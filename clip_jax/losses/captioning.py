@@ -17,7 +17,11 @@ import jax.numpy as jnp
 
 def _chunk_nll(hidden, head, targets, weights):
     """Weighted NLL sum of one chunk: hidden [B,c,W], head [V,W], targets [B,c] int, weights [B,c] float32."""
-    logits = jnp.einsum("bcw,vw->bcv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    # One 2-D product over the flattened rows, as models/layers.rows_matmul does (XLA:CPU differentiates it without
+    # transposed copies of the [B*c, V] logits' gradient).
+    b, c, w = hidden.shape
+    logits = jnp.dot(hidden.reshape(b * c, w), head.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, c, -1)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((lse - target_logit) * weights)

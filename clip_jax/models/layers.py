@@ -117,6 +117,17 @@ def ones(key, shape, dtype):
     return jnp.ones(shape, dtype)
 
 
+def rows_matmul(x, w, **dot_kwargs):
+    """x [..., i] @ w [i, o] -> [..., o] as ONE 2-D product of the flattened rows [N, i] (N = prod of the leading
+    dims). Same sums as einsum('...i,io->...o'), but XLA:CPU then differentiates a plain [N, i] x [i, o] product:
+    with the leading dims kept, it computed the weight gradient against a transposed copy of the output gradient
+    (e.g. [768, 16640] per MLP layer) in a mixed-layout dot; flattened, both operands contract their row dimension
+    in place. Issue 18's CLIP step: ~1.1x (experiments/results/step_breakdown.md). dot_kwargs go to jnp.dot (e.g.
+    preferred_element_type)."""
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **dot_kwargs)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), computed in `dtype`. use_bias=False has no bias parameter at all (OpenAI CLIP's
     projections and patch embedding), so an imported model holds exactly the source's weights."""
@@ -127,7 +138,7 @@ class Dense(nnx.Module):
         self.bias = param(rngs, zeros, (d_out,), names[1:]) if use_bias else None
 
     def __call__(self, x):
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = rows_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -139,6 +150,7 @@ class LayerNorm(nnx.Module):
         self.scale = param(rngs, ones, (width,), ("embed",))
         self.bias = param(rngs, zeros, (width,), ("embed",))
 
+    @jax.named_scope("layernorm")
     def __call__(self, x):
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
@@ -156,8 +168,12 @@ class Mlp(nnx.Module):
         self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
+    @jax.named_scope("mlp")
     def __call__(self, x):
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+        h = self.fc1(x)
+        with jax.named_scope("activation"):
+            h = ACTIVATIONS[self.act](h)
+        return self.fc2(h)
 
 
 class Attention(nnx.Module):
@@ -180,6 +196,7 @@ class Attention(nnx.Module):
         b = getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), w) + b
 
+    @jax.named_scope("attention")
     def __call__(self, x_q, x_kv, mask=None):
         """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend)."""
         # Scale q before the product so bf16 logits stay small.

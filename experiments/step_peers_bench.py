@@ -1,0 +1,263 @@
+"""One CLIP train step in clip_jax against the same model in HF transformers (CLIPModel) and open_clip (CLIP).
+
+    python experiments/step_peers_bench.py                       # issue 18's tiny CLIP, batch 256, 2 torch threads
+    python experiments/step_peers_bench.py --rounds 6 --steps 2 --json experiments/results/step_peers.jsonl
+    python experiments/step_peers_bench.py --ours scan     # from a checkout before issue 18's changes: "before"
+
+Run it WITHOUT XLA_FLAGS device forcing: one CPU device using every core, as torch uses its threads.
+The model (issue 18): image tower width 192, 4 layers, 3 heads, mlp 768, 64 px images in 8 px patches (64 tokens +
+class token); text tower width 128, 4 layers, 2 heads, mlp 512, 32 tokens, vocabulary 49,408; joint dim 128; OpenAI
+CLIP's layout in all three (class-token pooling, ln_pre, QuickGELU, causal text pooled at the largest token id,
+projections without bias). fp32 everywhere.
+
+Each step: forward of both towers, CLIP's symmetric softmax contrastive loss with a learnable logit scale,
+backward, global-norm gradient clipping at 1.0 and AdamW (clip_jax: train.train_step jitted as train.py does, with
+the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Rounds alternate ours (unrolled
+layers as configs/tiny_cpu.py, and the layer scan, the base default) / HF / open_clip so a load change on the
+shared machine hits all alike; each figure is the median over rounds of the examples/s of `--steps` consecutive
+steps after warm-up. Each round also records how many cores OTHER processes used meanwhile (/proc/stat minus our
+own CPU time): torch's threads lose far more than XLA's when another process takes a core, so only rounds on a
+quiet machine compare fairly, and those are reported separately. The matmul floor (a 2048^3 fp32 matmul and the
+model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # reference_libs: open_clip's model code without torchvision
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from reference_libs import open_clip_model_module  # noqa: E402
+
+from clip_jax import optim, sharding, train  # noqa: E402
+from clip_jax.convert import hf_config  # noqa: E402
+from clip_jax.models import layers  # noqa: E402
+
+VOCAB, CONTEXT, IMAGE, PATCH, EMBED = 49408, 32, 64, 8, 128
+VISION = {"width": 192, "layers": 4, "heads": 3}
+TEXT = {"width": 128, "layers": 4, "heads": 2}
+
+
+def hf_clip_config():
+    tower = lambda t: {
+        "hidden_size": t["width"],
+        "num_hidden_layers": t["layers"],
+        "num_attention_heads": t["heads"],
+        "intermediate_size": 4 * t["width"],
+        "hidden_act": "quick_gelu",
+    }
+    text = {**tower(TEXT), "vocab_size": VOCAB, "max_position_embeddings": CONTEXT}
+    vision = {**tower(VISION), "image_size": IMAGE, "patch_size": PATCH}
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=EMBED)
+
+
+def open_clip_config():
+    return {
+        "embed_dim": EMBED,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": IMAGE,
+            "patch_size": PATCH,
+            "width": VISION["width"],
+            "layers": VISION["layers"],
+            "head_width": VISION["width"] // VISION["heads"],
+        },
+        "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, **TEXT},
+    }
+
+
+def data(batch: int, seed: int = 0):
+    """Normalised float32 images [B, 64, 64, 3] and int32 tokens [B, 32]: a start id, random words, the end id
+    (the largest id, where all three pool) at a random position, then zero padding."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, IMAGE, IMAGE, 3)).astype(np.float32)
+    tokens = np.zeros((batch, CONTEXT), np.int32)
+    for row, length in zip(tokens, rng.integers(4, CONTEXT + 1, batch)):
+        row[0], row[length - 1] = VOCAB - 2, VOCAB - 1
+        row[1 : length - 1] = rng.integers(1, VOCAB - 2, length - 2)
+    return images, tokens
+
+
+def ours_config(batch: int, scan_layers: bool = False):
+    """The same CLIP as a clip_jax config (imported from the HF config, so every option matches), set up as
+    configs/tiny_cpu.py sets up a CPU run: layers unrolled (model.scan_layers=False; the scan's stacked residuals
+    cost ~17% of the step's CPU time here, experiments/results/step_breakdown.md)."""
+    cfg = hf_config.config_from_hf(hf_clip_config().to_dict())
+    cfg.batch_size, cfg.total_steps, cfg.optim.warmup_steps, cfg.optim.lr = batch, 10_000, 100, 1e-4
+    cfg.model.scan_layers = scan_layers
+    return cfg
+
+
+class Ours:
+    name = "clip_jax"
+
+    def __init__(self, batch, images, tokens, scan_layers=False):
+        cfg = ours_config(batch, scan_layers)
+        mesh = sharding.make_mesh(cfg)
+        opt = optim.make(cfg)
+        graphdef, self.state, shardings = train.init_state(cfg, mesh, opt)
+        self.step = train.compile_step(cfg, mesh, opt, graphdef, shardings)
+        self.batch = sharding.put_batch({"image": images, "tokens": tokens}, mesh)
+        self.params = layers.param_count(self.state["params"])
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch)
+        return float(metrics["loss"])  # the one host sync, after the last step
+
+
+class Torch:
+    """A torch CLIP whose forward(images NCHW, tokens) gives (image features, text features, logit scale)."""
+
+    def __init__(self, name, model, features, images, tokens):
+        self.name, self.model, self.features = name, model.train(), features
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        self.tokens = torch.from_numpy(tokens).long()
+        self.labels = torch.arange(len(tokens))
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+        self.params = sum(p.numel() for p in model.parameters())
+
+    def run(self, steps):
+        for _ in range(steps):
+            img, txt, scale = self.features(self.model, self.images, self.tokens)
+            img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+            logits = scale.exp() * img @ txt.T
+            ce = torch.nn.functional.cross_entropy
+            loss = 0.5 * (ce(logits, self.labels) + ce(logits.T, self.labels))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+        return float(loss)
+
+
+def hf_features(model, images, tokens):
+    img = model.get_image_features(pixel_values=images)
+    txt = model.get_text_features(input_ids=tokens)
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))  # transformers 5 may return an output object
+    return img, txt, model.logit_scale
+
+
+def open_clip_features(model, images, tokens):
+    return model.encode_image(images), model.encode_text(tokens), model.logit_scale
+
+
+def matmul_rates(m, k, n, reps=5):
+    """GFLOP/s of an [m, k] x [k, n] fp32 matmul in JAX and in torch (best of 3 windows of `reps`)."""
+    a, b = np.random.default_rng(0).standard_normal((2, max(m, k), max(k, n)), np.float32)
+    a, b = a[:m, :k], b[:k, :n]
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jmul = jax.jit(lambda x, y: x @ y)
+    ta, tb = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
+    out = {}
+    for name, call in (("jax", lambda: jmul(ja, jb).block_until_ready()), ("torch", lambda: ta @ tb)):
+        call()
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(reps):
+                call()
+            best = min(best, (time.perf_counter() - t) / reps)
+        out[name] = 2 * m * k * n / best / 1e9
+    return out
+
+
+def build(batch, images, tokens, ours):
+    torch.manual_seed(0)
+    impls = [Ours(batch, images, tokens, scan_layers=v == "scan") for v in ours]
+    for impl, variant in zip(impls, ours):
+        impl.name = "clip_jax" if variant == "unrolled" else "clip_jax (scan)"
+    hf = Torch("transformers", transformers.CLIPModel(hf_clip_config()), hf_features, images, tokens)
+    oc = open_clip_model_module().CLIP(**open_clip_config())
+    return impls + [hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
+
+
+def busy_seconds():
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat), or 0 where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return 0.0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_rounds(impls, rounds, steps, batch):
+    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}."""
+    rates, others = {i.name: [] for i in impls}, {i.name: [] for i in impls}
+    for r in range(rounds):
+        for impl in impls:
+            t, busy, mine = time.perf_counter(), busy_seconds(), sum(os.times()[:2])
+            loss = impl.run(steps)
+            wall = time.perf_counter() - t
+            rates[impl.name].append(batch * steps / wall)
+            others[impl.name].append(max(0.0, busy_seconds() - busy - (sum(os.times()[:2]) - mine)) / wall)
+        print(
+            f"round {r}: "
+            + ", ".join(f"{k} {v[-1]:.1f}/s (others {others[k][-1]:.2f} cores)" for k, v in rates.items())
+            + f"; last loss {loss:.3f}",
+            flush=True,
+        )
+    return rates, others
+
+
+def report(rates, others, quiet):
+    """Medians over all rounds, and over the rounds where other processes used < `quiet` cores."""
+    ours = next(iter(rates))
+    selections = (("all rounds", lambda o: True), (f"quiet rounds (others < {quiet} cores)", lambda o: o < quiet))
+    for label, keep in selections:
+        kept = {k: [x for x, o in zip(v, others[k]) if keep(o)] for k, v in rates.items()}
+        if not all(kept.values()):
+            print(f"{label}: none")
+            continue
+        med = {k: statistics.median(v) for k, v in kept.items()}
+        print(f"\n{label}:\n| implementation | examples/s (median) | rounds | {ours} / it |\n|---|---|---|---|")
+        for k, v in kept.items():
+            print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med[ours] / med[k]:.2f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (ours, HF, open_clip)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--ours", default="unrolled,scan", help="clip_jax variants: unrolled (tiny_cpu's), scan")
+    p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
+    p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
+    args = p.parse_args()
+    if jax.device_count() != 1:
+        sys.exit(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
+    torch.set_num_threads(args.threads)
+    images, tokens = data(args.batch)
+    impls = build(args.batch, images, tokens, args.ours.split(","))
+    counts = {i.name: i.params for i in impls}
+    print(f"parameters: {counts}")
+    for impl in impls:  # warm-up: compile (ours), allocator and optimizer state (all)
+        impl.run(1)
+    rates, others = timed_rounds(impls, args.rounds, args.steps, args.batch)
+    report(rates, others, args.quiet)
+    floor = {"2048^3": matmul_rates(2048, 2048, 2048)}
+    floor["model"] = matmul_rates(args.batch * ((IMAGE // PATCH) ** 2 + 1), VISION["width"], 4 * VISION["width"])
+    for k, v in floor.items():
+        print(f"matmul {k}: jax {v['jax']:.1f} GFLOP/s, torch {v['torch']:.1f} GFLOP/s")
+    print(f"load average: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates, "others": others}
+            f.write(json.dumps({**row, "matmul_gflops": floor, "time": time.time()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
