@@ -10,6 +10,12 @@ class token); text tower width 128, 4 layers, 2 heads, mlp 512, 32 tokens, vocab
 CLIP's layout in all three (class-token pooling, ln_pre, QuickGELU, causal text pooled at the largest token id,
 projections without bias). fp32 everywhere.
 
+Each implementation runs in its own worker process (multiprocessing, spawn), and the parent alternates them: in
+one process, clip_jax's temporary buffer and torch's tensors share one malloc heap (the heap then grows again after
+each torch round: 200-300k page faults per clip_jax step, measured), and torch's OpenMP threads spin for a while
+after each torch op, taking the cores XLA's threads want. Each worker warms up with `--warmup` steps (compile, the
+allocator reaching its size, optimizer state) before the first timed round.
+
 Each step: forward of both towers, CLIP's symmetric softmax contrastive loss with a learnable logit scale,
 backward, global-norm gradient clipping at 1.0 and AdamW (clip_jax: train.train_step jitted as train.py does, with
 the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Rounds alternate ours (unrolled
@@ -23,7 +29,9 @@ model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in 
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -114,7 +122,8 @@ class Ours:
     def run(self, steps):
         for _ in range(steps):
             self.state, metrics = self.step(self.state, self.batch)
-        return float(metrics["loss"])  # the one host sync, after the last step
+            jax.block_until_ready(metrics["loss"])  # one step in flight, as train.py runs on CPU
+        return float(metrics["loss"])
 
 
 class Torch:
@@ -173,14 +182,55 @@ def matmul_rates(m, k, n, reps=5):
     return out
 
 
-def build(batch, images, tokens, ours):
+IMPLEMENTATIONS = ("clip_jax", "clip_jax (scan)", "transformers", "open_clip")
+
+
+def build(name, batch, threads):
+    """One implementation by name, on the benchmark's data, torch limited to `threads` intra-op threads."""
+    images, tokens = data(batch)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    impls = [Ours(batch, images, tokens, scan_layers=v == "scan") for v in ours]
-    for impl, variant in zip(impls, ours):
-        impl.name = "clip_jax" if variant == "unrolled" else "clip_jax (scan)"
-    hf = Torch("transformers", transformers.CLIPModel(hf_clip_config()), hf_features, images, tokens)
-    oc = open_clip_model_module().CLIP(**open_clip_config())
-    return impls + [hf, Torch("open_clip", oc, open_clip_features, images, tokens)]
+    if name.startswith("clip_jax"):
+        impl = Ours(batch, images, tokens, scan_layers=name == "clip_jax (scan)")
+    elif name == "transformers":
+        impl = Torch(name, transformers.CLIPModel(hf_clip_config()), hf_features, images, tokens)
+    else:
+        impl = Torch(name, open_clip_model_module().CLIP(**open_clip_config()), open_clip_features, images, tokens)
+    impl.name = name
+    return impl
+
+
+def worker(conn, name, batch, threads, warmup):
+    """A worker process: builds one implementation, warms it up, then answers each `steps` request with
+    (wall s, own CPU s, page faults per step, last loss); None stops it."""
+    impl = build(name, batch, threads)
+    impl.run(warmup)
+    conn.send(impl.params)
+    while (steps := conn.recv()) is not None:
+        t, cpu, faults = time.perf_counter(), sum(os.times()[:2]), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        loss = impl.run(steps)
+        wall = time.perf_counter() - t
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+        conn.send((wall, sum(os.times()[:2]) - cpu, faults, loss))
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, name, batch, threads, warmup):
+        ctx = multiprocessing.get_context("spawn")
+        self.name, (self.conn, child) = name, ctx.Pipe()
+        self.process = ctx.Process(target=worker, args=(child, name, batch, threads, warmup), daemon=True)
+        self.process.start()
+        self.params = self.conn.recv()  # after its warm-up, so the workers do not build and compile concurrently
+
+    def run(self, steps):
+        self.conn.send(steps)
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(None)
+        self.process.join(timeout=60)
 
 
 def busy_seconds():
@@ -193,22 +243,20 @@ def busy_seconds():
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_rounds(impls, rounds, steps, batch):
-    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}."""
-    rates, others = {i.name: [] for i in impls}, {i.name: [] for i in impls}
+def timed_rounds(workers, rounds, steps, batch):
+    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}; prints each
+    round with the worker's page faults per step (0 once its heap has reached the step's size)."""
+    rates, others = {w.name: [] for w in workers}, {w.name: [] for w in workers}
     for r in range(rounds):
-        for impl in impls:
-            t, busy, mine = time.perf_counter(), busy_seconds(), sum(os.times()[:2])
-            loss = impl.run(steps)
-            wall = time.perf_counter() - t
-            rates[impl.name].append(batch * steps / wall)
-            others[impl.name].append(max(0.0, busy_seconds() - busy - (sum(os.times()[:2]) - mine)) / wall)
-        print(
-            f"round {r}: "
-            + ", ".join(f"{k} {v[-1]:.1f}/s (others {others[k][-1]:.2f} cores)" for k, v in rates.items())
-            + f"; last loss {loss:.3f}",
-            flush=True,
-        )
+        line = []
+        for w in workers:
+            busy = busy_seconds()
+            wall, cpu, faults, loss = w.run(steps)
+            rates[w.name].append(batch * steps / wall)
+            others[w.name].append(max(0.0, busy_seconds() - busy - cpu) / wall)
+            line.append(f"{w.name} {rates[w.name][-1]:.1f}/s (others {others[w.name][-1]:.2f} cores, "
+                        f"{faults:.0f} faults/step, loss {loss:.3f})")
+        print(f"round {r}: " + ", ".join(line), flush=True)
     return rates, others
 
 
@@ -234,20 +282,25 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--ours", default="unrolled,scan", help="clip_jax variants: unrolled (tiny_cpu's), scan")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps in each worker before the first round")
     p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
     if jax.device_count() != 1:
         sys.exit(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
-    torch.set_num_threads(args.threads)
-    images, tokens = data(args.batch)
-    impls = build(args.batch, images, tokens, args.ours.split(","))
-    counts = {i.name: i.params for i in impls}
+    variants = {"unrolled": "clip_jax", "scan": "clip_jax (scan)"}
+    unknown = set(args.ours.split(",")) - set(variants)
+    if unknown:
+        sys.exit(f"--ours {args.ours!r}: unknown variant(s) {sorted(unknown)}; valid: {sorted(variants)}")
+    names = [variants[v] for v in args.ours.split(",")] + ["transformers", "open_clip"]
+    workers = [Worker(name, args.batch, args.threads, args.warmup) for name in names]
+    counts = {w.name: w.params for w in workers}
     print(f"parameters: {counts}")
-    for impl in impls:  # warm-up: compile (ours), allocator and optimizer state (all)
-        impl.run(1)
-    rates, others = timed_rounds(impls, args.rounds, args.steps, args.batch)
+    rates, others = timed_rounds(workers, args.rounds, args.steps, args.batch)
+    for w in workers:
+        w.close()
     report(rates, others, args.quiet)
+    torch.set_num_threads(args.threads)
     floor = {"2048^3": matmul_rates(2048, 2048, 2048)}
     floor["model"] = matmul_rates(args.batch * ((IMAGE // PATCH) ** 2 + 1), VISION["width"], 4 * VISION["width"])
     for k, v in floor.items():
