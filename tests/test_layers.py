@@ -34,28 +34,53 @@ def test_scanned_encoder_matches_a_loop_over_layers():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_attention_matches_numpy_reference():
-    # Same shapes as the text tower's attention above, so eager mode reuses its compiled ops.
+def _attention_and_numpy_reference():
     attn = layers.Attention(32, 2, dtype=jnp.float32, rngs=nnx.Rngs(params=3))
     for name in ("query_bias", "key_bias", "value_bias", "out_bias"):  # non-zero biases exercise them too
         var = getattr(attn, name)
         var[...] = np.random.default_rng(len(name)).normal(size=var.shape).astype(np.float32)
+    p = {k: np.asarray(v[...], np.float64) for k, v in vars(attn).items() if isinstance(v, nnx.Param)}
+
+    def reference(xq, xkv, mask):
+        ref = np.zeros(xq.shape)
+        for b in range(xq.shape[0]):
+            for h in range(2):
+                q = xq[b] @ p["query_kernel"][:, h] + p["query_bias"][h]
+                k = xkv[b] @ p["key_kernel"][:, h] + p["key_bias"][h]
+                v = xkv[b] @ p["value_kernel"][:, h] + p["value_bias"][h]
+                s = q @ k.T / np.sqrt(16) + np.where(mask[b, 0], 0, -1e30)
+                w = np.exp(s - s.max(-1, keepdims=True))
+                ref[b] += (w / w.sum(-1, keepdims=True)) @ v @ p["out_kernel"][h]
+        return ref + p["out_bias"]
+
+    return attn, reference
+
+
+def test_attention_matches_numpy_reference():
+    # Same shapes as the text tower's attention above, so eager mode reuses its compiled ops.
+    attn, reference = _attention_and_numpy_reference()
     rng = np.random.default_rng(0)
     xq, xkv = rng.normal(size=(2, 12, 32)).astype(np.float32), rng.normal(size=(2, 12, 32)).astype(np.float32)
     mask = np.ones((2, 1, 12, 12), bool)
     mask[1, :, :, 7:] = False
-    p = {k: np.asarray(v[...]) for k, v in vars(attn).items() if isinstance(v, nnx.Param)}
-    ref = np.zeros((2, 12, 32))
-    for b in range(2):
-        for h in range(2):
-            q = xq[b] @ p["query_kernel"][:, h] + p["query_bias"][h]
-            k = xkv[b] @ p["key_kernel"][:, h] + p["key_bias"][h]
-            v = xkv[b] @ p["value_kernel"][:, h] + p["value_bias"][h]
-            s = q @ k.T / np.sqrt(16) + np.where(mask[b, 0], 0, -1e30)
-            w = np.exp(s - s.max(-1, keepdims=True))
-            ref[b] += (w / w.sum(-1, keepdims=True)) @ v @ p["out_kernel"][h]
-    ref += p["out_bias"]
-    np.testing.assert_allclose(attn(xq, xkv, mask), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(attn(xq, xkv, mask), reference(xq, xkv, mask), rtol=1e-4, atol=1e-4)
+    # Self-attention (the same array twice) projects q, k and v in one interleaved product: same values.
+    np.testing.assert_allclose(attn(xq, xq, mask), reference(xq, xq, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_self_attention_projection_has_the_separate_projections_gradients():
+    attn, _ = _attention_and_numpy_reference()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 12, 32)), jnp.float32)
+    graphdef, params = nnx.split(attn)
+
+    def loss(params, x, same):
+        y = nnx.merge(graphdef, params)(x, x if same else x * 1.0)  # x * 1.0: a distinct array, the unfused path
+        return jnp.sum(jnp.sin(y))
+
+    fused = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, True)
+    separate = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, False)
+    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(separate), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_patch_embedding_is_a_strided_conv():

@@ -191,21 +191,36 @@ class Attention(nnx.Module):
         self.out_kernel = param(rngs, out_init, shape[1:] + shape[:1], ("heads", "kv", "embed"))
         self.out_bias = param(rngs, zeros, (width,), ("embed",))
 
-    def _project(self, x, name):
-        """x [B, L, D] -> [B, L, heads, kv]: one 2-D product with the kernel viewed as [D, heads * kv] (see
-        rows_matmul; the einsum over [D, heads, kv] made XLA:CPU reduce the bias gradient with a reduce-window and
-        transpose the weight gradient's operands: ~4% of issue 18's step CPU time)."""
-        w = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
-        b = getattr(self, f"{name}_bias")[...].astype(self.dtype)
-        y = rows_matmul(x.astype(self.dtype), w.reshape(w.shape[0], -1)) + b.reshape(-1)
-        return y.reshape(*x.shape[:-1], *w.shape[1:])
+    def _project(self, x, names):
+        """x [B, L, D] -> one [B, L, heads, kv] per name in `names`, from ONE 2-D product of the flattened rows
+        (see rows_matmul) with the named kernels interleaved per head: [D, heads, len(names), kv] viewed as
+        [D, heads * len(names) * kv]. Heads stay the major output axis, so a heads-sharded kernel stays sharded
+        the same way.
+
+        Why one product: on XLA:CPU the einsum over [D, heads, kv] reduced each bias gradient with a reduce-window
+        and transposed the weight gradients' operands, and separate q/k/v products need three input gradients
+        added up; issue 18's CLIP step used ~5% less CPU time this way (experiments/results/step_breakdown.md).
+        The parameters stay separate [D, heads, kv] kernels, so checkpoints and imported weights are unchanged.
+        """
+        kernels = jnp.stack([getattr(self, f"{n}_kernel")[...] for n in names], axis=2).astype(self.dtype)
+        biases = jnp.stack([getattr(self, f"{n}_bias")[...] for n in names], axis=1).astype(self.dtype)
+        d_in, heads, n, kv = kernels.shape
+        y = rows_matmul(x.astype(self.dtype), kernels.reshape(d_in, -1)) + biases.reshape(-1)
+        y = y.reshape(*x.shape[:-1], heads, n, kv)
+        return [y[..., i, :] for i in range(n)]
 
     @jax.named_scope("attention")
     def __call__(self, x_q, x_kv, mask=None):
-        """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend)."""
+        """x_q [B,Q,D], x_kv [B,K,D], mask bool broadcastable to [B,heads,Q,K] (True = may attend).
+
+        Self-attention (x_kv is x_q, the same array) projects q, k and v in one product; otherwise q in one and
+        k, v in another."""
+        if x_kv is x_q:
+            q, k, v = self._project(x_q, ("query", "key", "value"))
+        else:
+            (q,), (k, v) = self._project(x_q, ("query",)), self._project(x_kv, ("key", "value"))
         # Scale q before the product so bf16 logits stay small.
-        q = self._project(x_q, "query") * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        k, v = self._project(x_kv, "key"), self._project(x_kv, "value")
+        q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
         logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
         if mask is not None:
             # A large finite value, not -inf: a fully masked row then gives a uniform average, never NaN.
