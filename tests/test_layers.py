@@ -132,15 +132,19 @@ def test_unknown_remat_policy_is_rejected():
         layers.Encoder(8, 1, 16, 2, dtype=jnp.float32, remat="some", rngs=layers.KeyStream(jax.random.key(0)))
 
 
-def test_rows_matmul_values_and_gradients_match_float64_numpy():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("d_in,d_out", [(7, 4), (4, 7)])  # d_in > d_out: CPU computes dw transposed
+def test_rows_matmul_values_and_gradients_match_float64_numpy(d_in, d_out, dtype):
     """layers.rows_matmul (Dense's product, one 2-D matmul of the flattened rows) against float64 numpy: the output
-    and both gradients of sum(y * dy), i.e. dx = dy @ w.T and dw = sum over rows of x^T dy."""
+    and both gradients of sum(y * dy), i.e. dx = dy @ w.T and dw = sum over rows of x^T dy, in the inputs' dtype."""
     rng = np.random.default_rng(0)
-    x, w, dy = rng.normal(size=(3, 5, 7)), rng.normal(size=(7, 4)), rng.normal(size=(3, 5, 4))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    y, vjp = jax.vjp(layers.rows_matmul, f32(x), f32(w))
-    dx, dw = vjp(f32(dy))
-    assert y.shape == (3, 5, 4)
-    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, dy @ w.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, np.einsum("bli,blo->io", x, dy), rtol=1e-5, atol=1e-5)
+    x, w, dy = rng.normal(size=(3, 5, d_in)), rng.normal(size=(d_in, d_out)), rng.normal(size=(3, 5, d_out))
+    cast = lambda a: jnp.asarray(a, dtype)
+    x, w, dy = (np.asarray(cast(a), np.float64) for a in (x, w, dy))  # the reference sees the rounded inputs
+    y, vjp = jax.jit(lambda x, w: jax.vjp(layers.rows_matmul, x, w))(cast(x), cast(w))
+    dx, dw = vjp(cast(dy))
+    assert y.shape == (3, 5, d_out) and y.dtype == dx.dtype == dw.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(np.asarray(y, np.float64), x @ w, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dy @ w.T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum("bli,blo->io", x, dy), rtol=tol, atol=tol)
