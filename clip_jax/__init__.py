@@ -2,36 +2,16 @@
 
 import ctypes
 import os
-import re
 import sys
 
 # XLA:CPU's concurrency-optimised scheduler lets two independent collectives of one step (the loss ring's
 # collective-permute and the gradient all-reduce) start in different orders on different devices of one process,
 # and their rendezvous then deadlock (seen with CoCa on 8 simulated CPU devices: device 0 waits in the permute,
-# the other 7 in the all-reduce, until XLA aborts after 40 s). Only the CPU backend reads this flag, once, when the
-# backend starts: hence here. With ONE CPU device there are no collectives, and the scheduler is kept: issue 18's
-# CLIP step ran 1.3-3.2% faster with it (3 paired A/B runs of 10-12 rounds on the 2-core box). Multi-process runs
-# turn it off too (serialise_cpu_collectives, called by main.py before jax.distributed.initialize).
+# the other 7 in the all-reduce, until XLA aborts after 40 s). Only the CPU backend reads this flag; it must be set
+# before the backend starts, hence here.
 _CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def serialise_cpu_collectives() -> None:
-    """Turns XLA:CPU's concurrency-optimised scheduler off (see above), unless XLA_FLAGS already sets it. Has an
-    effect only before the CPU backend starts."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_CPU_SCHEDULER_FLAG}".strip()
-
-
-def _forced_cpu_devices() -> int:
-    """The CPU device count forced by XLA_FLAGS or JAX_NUM_CPU_DEVICES (1 where neither sets one)."""
-    found = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    counts = [int(found.group(1)) if found else 1, int(os.environ.get("JAX_NUM_CPU_DEVICES") or 1)]
-    return max(counts)
-
-
-if _forced_cpu_devices() > 1:
-    serialise_cpu_collectives()
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER_FLAG}".strip()
 
 
 def _keep_freed_memory() -> None:

@@ -171,9 +171,6 @@ def main(argv):
     import jax
 
     if _DISTRIBUTED.value:
-        from clip_jax import serialise_cpu_collectives
-
-        serialise_cpu_collectives()  # CPU collectives across processes: see clip_jax/__init__.py
         # With no arguments JAX detects TPU pods, SLURM and Open MPI; the flags cover a plain cluster or localhost.
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

@@ -4,12 +4,10 @@ Abstract only (no memory): the shardings the jitted init would produce for CLIP 
 """
 
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from clip_jax import optim, sharding, train
@@ -65,25 +63,3 @@ def test_rules_table_drives_the_layout():
         s.spec == P() or set(jax.tree.leaves(tuple(s.spec))) <= {None}
         for s in jax.tree.leaves(shardings["params"])
     )
-
-
-@pytest.mark.parametrize(
-    "env,serialised",
-    [
-        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, True),  # collectives in one process
-        ({"JAX_NUM_CPU_DEVICES": "4"}, True),
-        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, False),  # one device: XLA's default scheduler
-        ({}, False),
-        ({"XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=true"}, None),  # the user's choice stays
-    ],
-)
-def test_cpu_scheduler_is_serialised_only_where_collectives_can_deadlock(env, serialised):
-    """Importing clip_jax turns XLA:CPU's concurrency-optimised scheduler off exactly when one process has several
-    CPU devices (two collectives started in different orders deadlock: clip_jax/__init__.py)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    code = "import os, clip_jax; print(os.environ.get('XLA_FLAGS', ''))"
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
-    flags = out.stdout.strip()
-    assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags) == bool(serialised), flags
-    if serialised is None:
-        assert flags == env["XLA_FLAGS"]
