@@ -182,9 +182,6 @@ def matmul_rates(m, k, n, reps=5):
     return out
 
 
-IMPLEMENTATIONS = ("clip_jax", "clip_jax (scan)", "transformers", "open_clip")
-
-
 def build(name, batch, threads):
     """One implementation by name, on the benchmark's data, torch limited to `threads` intra-op threads."""
     images, tokens = data(batch)
