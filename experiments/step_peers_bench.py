@@ -1,7 +1,8 @@
 """One CLIP train step in clip_jax against the same model in HF transformers (CLIPModel) and open_clip (CLIP).
 
     python experiments/step_peers_bench.py                       # issue 18's tiny CLIP, batch 256, 2 torch threads
-    python experiments/step_peers_bench.py --rounds 6 --steps 2 --json experiments/results/step_peers.jsonl
+    python experiments/step_peers_bench.py --rounds 9 --steps 2 --ours unrolled \
+        --json experiments/results/step_peers.jsonl
     python experiments/step_peers_bench.py --ours scan     # from a checkout before issue 18's changes: "before"
 
 Run it WITHOUT XLA_FLAGS device forcing: one CPU device using every core, as torch uses its threads.
@@ -18,13 +19,17 @@ allocator reaching its size, optimizer state) before the first timed round.
 
 Each step: forward of both towers, CLIP's symmetric softmax contrastive loss with a learnable logit scale,
 backward, global-norm gradient clipping at 1.0 and AdamW (clip_jax: train.train_step jitted as train.py does, with
-the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Rounds alternate ours (unrolled
-layers as configs/tiny_cpu.py, and the layer scan, the base default) / HF / open_clip so a load change on the
-shared machine hits all alike; each figure is the median over rounds of the examples/s of `--steps` consecutive
-steps after warm-up. Each round also records how many cores OTHER processes used meanwhile (/proc/stat minus our
-own CPU time): torch's threads lose far more than XLA's when another process takes a core, so only rounds on a
-quiet machine compare fairly, and those are reported separately. The matmul floor (a 2048^3 fp32 matmul and the
-model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
+the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Each round runs every
+implementation (ours: unrolled layers as configs/tiny_cpu.py, and/or the layer scan, the base default) for
+`--steps` consecutive steps, so a load change on the shared machine hits all alike, and round r rotates the order
+by r: position is not neutral here. In an A/A run (the same clip_jax code in two workers, 6 rounds) the worker
+running second read 2.0% faster (median of the per-round ratios), and in four A/B runs the kernel's memory reclaim
+(kdamond) took ~1 GiB back from the FIRST worker of the round once per run (250-275k page faults in that step). Use
+a multiple of the number of implementations for `--rounds`. Each figure is the median over rounds. Each round also
+records how many cores OTHER processes used meanwhile (/proc/stat minus our own CPU time): torch's threads lose far
+more than XLA's when another process takes a core, so only rounds on a quiet machine compare fairly, and those are
+reported separately; so are the rounds where a worker page-faulted (`--max-faults`). The matmul floor (a 2048^3
+fp32 matmul and the model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
 """
 
 import argparse
@@ -241,28 +246,36 @@ def busy_seconds():
 
 
 def timed_rounds(workers, rounds, steps, batch):
-    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}; prints each
-    round with the worker's page faults per step (0 once its heap has reached the step's size)."""
-    rates, others = {w.name: [] for w in workers}, {w.name: [] for w in workers}
+    """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}, {name: [page
+    faults per step in that round]}. Round r runs the workers in rotated order (workers[r % n:] + workers[:r % n]),
+    so no implementation always runs first; each round is printed with the worker's page faults per step (0 once
+    its heap has reached the step's size)."""
+    rates, others, faults = ({w.name: [] for w in workers} for _ in range(3))
     for r in range(rounds):
         line = []
-        for w in workers:
+        for w in workers[r % len(workers) :] + workers[: r % len(workers)]:
             busy = busy_seconds()
-            wall, cpu, faults, loss = w.run(steps)
+            wall, cpu, per_step, loss = w.run(steps)
             rates[w.name].append(batch * steps / wall)
             others[w.name].append(max(0.0, busy_seconds() - busy - cpu) / wall)
+            faults[w.name].append(per_step)
             line.append(f"{w.name} {rates[w.name][-1]:.1f}/s (others {others[w.name][-1]:.2f} cores, "
-                        f"{faults:.0f} faults/step, loss {loss:.3f})")
+                        f"{per_step:.0f} faults/step, loss {loss:.3f})")
         print(f"round {r}: " + ", ".join(line), flush=True)
-    return rates, others
+    return rates, others, faults
 
 
-def report(rates, others, quiet):
-    """Medians over all rounds, and over the rounds where other processes used < `quiet` cores."""
+def report(rates, others, faults, quiet, max_faults):
+    """Medians over all rounds; over the rounds where other processes used < `quiet` cores; and over those where
+    also the worker itself took < `max_faults` page faults per step (the kernel had not taken its memory back)."""
     ours = next(iter(rates))
-    selections = (("all rounds", lambda o: True), (f"quiet rounds (others < {quiet} cores)", lambda o: o < quiet))
+    selections = (
+        ("all rounds", lambda o, f: True),
+        (f"quiet rounds (others < {quiet} cores)", lambda o, f: o < quiet),
+        (f"quiet rounds without page faults (< {max_faults} per step)", lambda o, f: o < quiet and f < max_faults),
+    )
     for label, keep in selections:
-        kept = {k: [x for x, o in zip(v, others[k]) if keep(o)] for k, v in rates.items()}
+        kept = {k: [x for x, o, f in zip(v, others[k], faults[k]) if keep(o, f)] for k, v in rates.items()}
         if not all(kept.values()):
             print(f"{label}: none")
             continue
@@ -275,12 +288,13 @@ def report(rates, others, quiet):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (ours, HF, open_clip)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every implementation, rotated order")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--ours", default="unrolled,scan", help="clip_jax variants: unrolled (tiny_cpu's), scan")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps in each worker before the first round")
     p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
+    p.add_argument("--max-faults", type=float, default=1000, help="rounds with more faults per step: listed apart")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
     if jax.device_count() != 1:
@@ -293,10 +307,10 @@ def main():
     workers = [Worker(name, args.batch, args.threads, args.warmup) for name in names]
     counts = {w.name: w.params for w in workers}
     print(f"parameters: {counts}")
-    rates, others = timed_rounds(workers, args.rounds, args.steps, args.batch)
+    rates, others, faults = timed_rounds(workers, args.rounds, args.steps, args.batch)
     for w in workers:
         w.close()
-    report(rates, others, args.quiet)
+    report(rates, others, faults, args.quiet, args.max_faults)
     torch.set_num_threads(args.threads)
     floor = {"2048^3": matmul_rates(2048, 2048, 2048)}
     floor["model"] = matmul_rates(args.batch * ((IMAGE // PATCH) ** 2 + 1), VISION["width"], 4 * VISION["width"])
@@ -305,7 +319,8 @@ def main():
     print(f"load average: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "a") as f:
-            row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates, "others": others}
+            row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates}
+            row.update(others=others, faults=faults, order="rotated")
             f.write(json.dumps({**row, "matmul_gflops": floor, "time": time.time()}) + "\n")
 
 

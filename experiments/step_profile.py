@@ -3,6 +3,7 @@
     python experiments/step_profile.py --model peers          # issue 18's tiny CLIP (step_peers_bench.py), B=256
     python experiments/step_profile.py --model tiny_cpu       # configs/tiny_cpu.py, B=128
     python experiments/step_profile.py --model peers --top 40 --hlo /tmp/hlo.txt
+    python experiments/step_profile.py --impl transformers   # the same model's torch step, for comparison
 
 Runs without XLA_FLAGS device forcing (one CPU device). Traces `--steps` steps (after warm-up), reads the
 Perfetto JSON the profiler writes, and sums the duration of every XLA op event (on CPU: one event per thunk, i.e.
@@ -11,6 +12,12 @@ and fusion kinds (the compiled module's text: a fusion's root and its "kind"), s
 counts as a matmul whatever its name. Page faults and user/kernel CPU time per step come from getrusage around
 the untraced steps. The host gap is the step's wall time minus the summed op time (ops on
 different threads overlap, so it can be negative). With --hlo the optimised HLO text is written there.
+
+`--impl transformers` / `--impl open_clip` profile the torch peers of step_peers_bench.py on the peers model with
+torch.profiler instead: each aten op's self time on the calling thread (torch's intra-op threads work inside
+it, so that is its wall time), summed into the nearest of the same groups by op name. torch fuses attention into
+one kernel (scaled_dot_product_attention), so its scores, softmax and values share one group; its plain `mul` and
+`sum` ops (part of quick_gelu and of the bias gradients) land in "other".
 """
 
 import argparse
@@ -84,6 +91,60 @@ def hlo_ops(hlo_text):
     return ops
 
 
+# torch op name fragment -> group, first match wins (see the module docstring for what cannot be split).
+TORCH_GROUPS = (
+    (("scaled_dot_product", "flash_attention"), "attention (fused kernel: scores, softmax, values)"),
+    (("layer_norm",), "layernorm"),
+    (("::mm", "addmm", "bmm", "convolution", "::linear"), "matmul: weights"),
+    (("sigmoid", "gelu"), "mlp activation"),
+    (("lerp", "addcdiv", "addcmul", "sqrt", "foreach", "optimizer", "vector_norm", "clamp", "::div"),
+     "optimizer update (AdamW, clipping)"),
+    (("cross_entropy", "log_softmax", "nll_loss", "normalize"), "loss"),
+    (("embedding", "index", "gather", "scatter"), "gather/scatter (embedding, pooling)"),
+)
+TORCH_MOVES = {
+    f"aten::{op}"
+    for op in ("copy_", "clone", "contiguous", "cat", "fill_", "zero_", "empty", "empty_like", "permute", "t",
+               "transpose", "view", "expand", "as_strided", "reshape", "slice", "select", "unsqueeze", "stack",
+               "squeeze")
+}
+
+
+def torch_group(op):
+    if op in TORCH_MOVES:
+        return "copies, transposes, broadcasts"
+    low = op.lower()
+    return next((g for keys, g in TORCH_GROUPS if any(k in low for k in keys)), "other elementwise / reduce")
+
+
+def torch_profile(name, batch, steps, warmup, top):
+    """Per-op-group times of one torch peer's train step (step_peers_bench.Torch) with torch.profiler."""
+    import step_peers_bench as peers  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    impl = peers.build(name, batch or 256, os.cpu_count())
+    impl.run(warmup)
+    t = time.perf_counter()
+    impl.run(steps)
+    wall = (time.perf_counter() - t) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        impl.run(steps)
+    per_op = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    groups = collections.Counter()
+    for op, ms in per_op.items():
+        groups[torch_group(op)] += ms
+    total = sum(groups.values())
+    print(f"{name} B={len(impl.tokens)} threads={torch.get_num_threads()}: step {1e3 * wall:.1f} ms untraced "
+          f"({len(impl.tokens) / wall:.1f} examples/s); ops {total:.1f} ms; load {os.getloadavg()[0]:.2f}")
+    print("| group | ms / step | share of op time |")
+    print("|---|---|---|")
+    for g, ms in groups.most_common():
+        print(f"| {g} | {ms:.1f} | {ms / total:.1%} |")
+    print(f"\ntop {top} ops:")
+    for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{ms:7.2f} ms  {torch_group(op)[:24]:24s} {op}")
+
+
 MOVES = {"bitcast", "copy", "transpose", "slice", "concatenate", "dynamic-slice", "dynamic-update-slice",
          "broadcast", "reshape", "pad"}
 
@@ -129,6 +190,8 @@ def trace_events(logdir):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="peers", choices=sorted(MODELS))
+    p.add_argument("--impl", default="clip_jax", choices=("clip_jax", "transformers", "open_clip"),
+                   help="a torch peer profiles the peers model's torch step instead (needs the [bench] extra)")
     p.add_argument("--batch", type=int, default=0, help="0: the model's default (peers 256, tiny_cpu 128)")
     p.add_argument("--remat", default="none")
     p.add_argument("--set", action="append", default=[], help="a config override, e.g. model.scan_layers=False")
@@ -137,6 +200,10 @@ def main():
     p.add_argument("--top", type=int, default=25, help="also list the N most expensive ops")
     p.add_argument("--hlo", default="", help="write the optimised HLO text here")
     args = p.parse_args()
+    if args.impl != "clip_jax":
+        if args.model != "peers":
+            p.error("--impl transformers/open_clip profiles the peers model only")
+        return torch_profile(args.impl, args.batch, args.steps, args.warmup, args.top)
     cfg, host_batch = MODELS[args.model](args.batch)
     cfg.model.remat = args.remat
     for item in args.set:
