@@ -86,7 +86,13 @@ def best_ms(call, args, windows=3, reps=4):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="16640,192,768", help="rows,width,mlp (default: issue 18's image tower)")
-    n, d, f = (int(v) for v in p.parse_args().shape.split(","))
+    shape = p.parse_args().shape
+    try:
+        n, d, f = (int(v) for v in shape.split(","))
+    except ValueError:
+        p.error(f"--shape {shape!r}: give three integers rows,width,mlp, e.g. 16640,192,768")
+    if min(n, d, f) < 16:
+        p.error(f"--shape {shape!r}: each size must be at least 16 (XLA:CPU keeps dots with a size-1 or all-tiny dimension out of YNNPACK)")
     rng = np.random.default_rng(0)
     flops = 2 * n * d * f
     print(f"rows {n}, width {d}, mlp {f}; {len(os.sched_getaffinity(0))} core(s); load {os.getloadavg()[0]:.2f}")
@@ -103,7 +109,7 @@ def main():
         (lib_a, ms_a), (lib_b, ms_b) = cells
         rate_a, rate_b = flops / ms_a / 1e6, flops / ms_b / 1e6
         ratio = ms_b / ms_a
-        print(f"| {name} | {lib_a} {ms_a:.1f} ({rate_a:.0f}) | {lib_b} {ms_b:.1f} ({rate_b:.0f}) | {ratio:.2f} |")
+        print(f"| {name} | {lib_a} {ms_a:.2f} ({rate_a:.0f}) | {lib_b} {ms_b:.2f} ({rate_b:.0f}) | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python experiments/step_peers_bench.py                       # issue 18's tiny CLIP, batch 256, 2 torch threads
     python experiments/step_peers_bench.py --rounds 9 --steps 2 --ours unrolled \
         --json experiments/results/step_peers.jsonl
-    python experiments/step_peers_bench.py --ours scan     # from a checkout before issue 18's changes: "before"
+    python experiments/step_peers_bench.py --ours scan     # the layer scan (and from a checkout before issue 18)
 
 Run it WITHOUT XLA_FLAGS device forcing: one CPU device using every core, as torch uses its threads.
 The model (issue 18): image tower width 192, 4 layers, 3 heads, mlp 768, 64 px images in 8 px patches (64 tokens +
@@ -153,7 +153,7 @@ class Torch:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def hf_features(model, images, tokens):
@@ -224,11 +224,19 @@ class Worker:
         self.name, (self.conn, child) = name, ctx.Pipe()
         self.process = ctx.Process(target=worker, args=(child, name, batch, threads, warmup), daemon=True)
         self.process.start()
-        self.params = self.conn.recv()  # after its warm-up, so the workers do not build and compile concurrently
+        child.close()  # only the worker holds its end now, so its death reaches recv() as EOFError
+        self.params = self._recv()  # after its warm-up, so the workers do not build and compile concurrently
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            sys.exit(f"the {self.name} worker died (exit code {self.process.exitcode}); its traceback is above")
 
     def run(self, steps):
         self.conn.send(steps)
-        return self.conn.recv()
+        return self._recv()
 
     def close(self):
         self.conn.send(None)
@@ -276,8 +284,9 @@ def report(rates, others, faults, quiet, max_faults):
     )
     for label, keep in selections:
         kept = {k: [x for x, o, f in zip(v, others[k], faults[k]) if keep(o, f)] for k, v in rates.items()}
-        if not all(kept.values()):
-            print(f"{label}: none")
+        empty = [k for k, v in kept.items() if not v]
+        if empty:
+            print(f"\n{label}: none for {', '.join(empty)}")
             continue
         med = {k: statistics.median(v) for k, v in kept.items()}
         print(f"\n{label}:\n| implementation | examples/s (median) | rounds | {ours} / it |\n|---|---|---|---|")
@@ -291,18 +300,22 @@ def main():
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every implementation, rotated order")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--ours", default="unrolled,scan", help="clip_jax variants: unrolled (tiny_cpu's), scan")
+    p.add_argument("--ours", default="unrolled", help="clip_jax variants, comma-separated: unrolled, scan")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps in each worker before the first round")
     p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
     p.add_argument("--max-faults", type=float, default=1000, help="rounds with more faults per step: listed apart")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
+    for flag in ("batch", "rounds", "steps", "warmup", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if jax.device_count() != 1:
-        sys.exit(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
+        p.error(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
     variants = {"unrolled": "clip_jax", "scan": "clip_jax (scan)"}
-    unknown = set(args.ours.split(",")) - set(variants)
-    if unknown:
-        sys.exit(f"--ours {args.ours!r}: unknown variant(s) {sorted(unknown)}; valid: {sorted(variants)}")
+    chosen = args.ours.split(",")
+    unknown = set(chosen) - set(variants)
+    if unknown or len(set(chosen)) != len(chosen):
+        p.error(f"--ours {args.ours!r}: give each of {sorted(variants)} at most once, comma-separated")
     names = [variants[v] for v in args.ours.split(",")] + ["transformers", "open_clip"]
     workers = [Worker(name, args.batch, args.threads, args.warmup) for name in names]
     counts = {w.name: w.params for w in workers}

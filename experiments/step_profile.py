@@ -200,9 +200,13 @@ def main():
     p.add_argument("--top", type=int, default=25, help="also list the N most expensive ops")
     p.add_argument("--hlo", default="", help="write the optimised HLO text here")
     args = p.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        p.error(f"--steps {args.steps} --warmup {args.warmup}: both must be at least 1")
     if args.impl != "clip_jax":
         if args.model != "peers":
             p.error("--impl transformers/open_clip profiles the peers model only")
+        if args.set or args.hlo or args.remat != "none":
+            p.error("--set, --hlo and --remat apply to clip_jax only; drop them with --impl " + args.impl)
         return torch_profile(args.impl, args.batch, args.steps, args.warmup, args.top)
     cfg, host_batch = MODELS[args.model](args.batch)
     cfg.model.remat = args.remat
