@@ -22,14 +22,15 @@ backward, global-norm gradient clipping at 1.0 and AdamW (clip_jax: train.train_
 the state donated; torch: torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW). Each round runs every
 implementation (ours: unrolled layers as configs/tiny_cpu.py, and/or the layer scan, the base default) for
 `--steps` consecutive steps, so a load change on the shared machine hits all alike, and round r rotates the order
-by r: position is not neutral here. In an A/A run (the same clip_jax code in two workers, 6 rounds) the worker
-running second read 2.0% faster (median of the per-round ratios), and in four A/B runs the kernel's memory reclaim
-(kdamond) took ~1 GiB back from the FIRST worker of the round once per run (250-275k page faults in that step). Use
-a multiple of the number of implementations for `--rounds`. Each figure is the median over rounds. Each round also
-records how many cores OTHER processes used meanwhile (/proc/stat minus our own CPU time): torch's threads lose far
-more than XLA's when another process takes a core, so only rounds on a quiet machine compare fairly, and those are
-reported separately; so are the rounds where a worker page-faulted (`--max-faults`). The matmul floor (a 2048^3
-fp32 matmul and the model's largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
+by r. In an A/A run (the same clip_jax code in two workers, 6 rounds) the worker running second read 2.0% faster
+(median of the per-round ratios; per round -4.9% to +6.5%), and seven times in one session a worker took ~250k page
+faults in one round, six times the one running first; a whole worker process can also run ~4% slower than another
+of the same code (experiments/results/step_breakdown.md, third session). Use a multiple of the number of
+implementations for `--rounds`. Each figure is the median over rounds. Each round also records how many cores OTHER
+processes used meanwhile (/proc/stat minus our own CPU time): torch's threads lose far more than XLA's when another
+process takes a core, so only rounds on a quiet machine compare fairly, and those are reported separately; so are
+the rounds where a worker page-faulted (`--max-faults`). The matmul floor (a 2048^3 fp32 matmul and the model's
+largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
 """
 
 import argparse
