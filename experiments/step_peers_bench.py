@@ -1,7 +1,7 @@
 """One CLIP train step in clip_jax against the same model in HF transformers (CLIPModel) and open_clip (CLIP).
 
     python experiments/step_peers_bench.py                       # issue 18's tiny CLIP, batch 256, 2 torch threads
-    python experiments/step_peers_bench.py --rounds 9 --steps 2 --ours unrolled \
+    python experiments/step_peers_bench.py --rounds 9 --steps 2 --processes 3 \
         --json experiments/results/step_peers.jsonl
     python experiments/step_peers_bench.py --ours scan     # the layer scan (and from a checkout before issue 18)
 
@@ -25,12 +25,13 @@ implementation (ours: unrolled layers as configs/tiny_cpu.py, and/or the layer s
 by r. In an A/A run (the same clip_jax code in two workers, 6 rounds) the worker running second read 2.0% faster
 (median of the per-round ratios; per round -4.9% to +6.5%), and seven times in one session a worker took ~250k page
 faults in one round, six times the one running first; a whole worker process can also run ~4% slower than another
-of the same code (experiments/results/step_breakdown.md, third session). Use a multiple of the number of
-implementations for `--rounds`. Each figure is the median over rounds. Each round also records how many cores OTHER
-processes used meanwhile (/proc/stat minus our own CPU time): torch's threads lose far more than XLA's when another
-process takes a core, so only rounds on a quiet machine compare fairly, and those are reported separately; so are
-the rounds where a worker page-faulted (`--max-faults`). The matmul floor (a 2048^3 fp32 matmul and the model's
-largest product, [B*65, 192] x [192, 768]) is timed in JAX and torch in the same run.
+of the same code (experiments/results/step_breakdown.md, third session), so `--processes P` splits the rounds over
+P fresh sets of workers. Use a multiple of the number of implementations for `--rounds`. Each figure is the median
+over rounds. Each round also records how many cores OTHER processes used meanwhile (/proc/stat minus our own CPU
+time): torch's threads lose far more than XLA's when another process takes a core, so only rounds on a quiet
+machine compare fairly, and those are reported separately; so are the rounds where a worker page-faulted (`--max-
+faults`). The matmul floor (a 2048^3 fp32 matmul and the model's largest product, [B*65, 192] x [192, 768]) is
+timed in JAX and torch in the same run.
 """
 
 import argparse
@@ -254,13 +255,13 @@ def busy_seconds():
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_rounds(workers, rounds, steps, batch):
+def timed_rounds(workers, rounds, steps, batch, first=0):
     """{name: [examples/s per round]}, {name: [cores used by OTHER processes during that round]}, {name: [page
-    faults per step in that round]}. Round r runs the workers in rotated order (workers[r % n:] + workers[:r % n]),
-    so no implementation always runs first; each round is printed with the worker's page faults per step (0 once
-    its heap has reached the step's size)."""
+    faults per step in that round]}. Round r (counted from `first`) runs the workers in rotated order
+    (workers[r % n:] + workers[:r % n]), so no implementation always runs first; each round is printed with the
+    worker's page faults per step (0 once its heap has reached the step's size)."""
     rates, others, faults = ({w.name: [] for w in workers} for _ in range(3))
-    for r in range(rounds):
+    for r in range(first, first + rounds):
         line = []
         for w in workers[r % len(workers) :] + workers[: r % len(workers)]:
             busy = busy_seconds()
@@ -301,15 +302,18 @@ def main():
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every implementation, rotated order")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--processes", type=int, default=1, help="fresh worker sets, each for a share of the rounds")
     p.add_argument("--ours", default="unrolled", help="clip_jax variants, comma-separated: unrolled, scan")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps in each worker before the first round")
     p.add_argument("--quiet", type=float, default=0.25, help="quiet rounds: others use fewer cores than this")
     p.add_argument("--max-faults", type=float, default=1000, help="rounds with more faults per step: listed apart")
     p.add_argument("--json", default="", help="append one JSON line with every figure to this file")
     args = p.parse_args()
-    for flag in ("batch", "rounds", "steps", "warmup", "threads"):
+    for flag in ("batch", "rounds", "steps", "warmup", "threads", "processes"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.processes > args.rounds:
+        p.error(f"--processes {args.processes} > --rounds {args.rounds}: each worker set needs a round")
     if jax.device_count() != 1:
         p.error(f"{jax.device_count()} JAX devices: run without XLA_FLAGS device forcing (one CPU device)")
     variants = {"unrolled": "clip_jax", "scan": "clip_jax (scan)"}
@@ -318,12 +322,20 @@ def main():
     if unknown or len(set(chosen)) != len(chosen):
         p.error(f"--ours {args.ours!r}: give each of {sorted(variants)} at most once, comma-separated")
     names = [variants[v] for v in args.ours.split(",")] + ["transformers", "open_clip"]
-    workers = [Worker(name, args.batch, args.threads, args.warmup) for name in names]
-    counts = {w.name: w.params for w in workers}
-    print(f"parameters: {counts}")
-    rates, others, faults = timed_rounds(workers, args.rounds, args.steps, args.batch)
-    for w in workers:
-        w.close()
+    rates, others, faults = ({name: [] for name in names} for _ in range(3))
+    done = 0
+    for worker_set in range(args.processes):  # fresh worker processes for each share of the rounds
+        rounds = args.rounds * (worker_set + 1) // args.processes - done
+        workers = [Worker(name, args.batch, args.threads, args.warmup) for name in names]
+        counts = {w.name: w.params for w in workers}
+        print(f"worker set {worker_set}: parameters {counts}", flush=True)
+        measured = timed_rounds(workers, rounds, args.steps, args.batch, done)
+        for whole, part in zip((rates, others, faults), measured):
+            for name, values in part.items():
+                whole[name] += values
+        for w in workers:
+            w.close()
+        done += rounds
     report(rates, others, faults, args.quiet, args.max_faults)
     torch.set_num_threads(args.threads)
     floor = {"2048^3": matmul_rates(2048, 2048, 2048)}
@@ -334,7 +346,7 @@ def main():
     if args.json:
         with open(args.json, "a") as f:
             row = {"batch": args.batch, "threads": args.threads, "params": counts, "rates": rates}
-            row.update(others=others, faults=faults, order="rotated")
+            row.update(others=others, faults=faults, order="rotated", processes=args.processes)
             f.write(json.dumps({**row, "matmul_gflops": floor, "time": time.time()}) + "\n")
 
 
