@@ -11,9 +11,10 @@ with one operand or the result stored feature-major ([features, rows]) instead. 
 the same inputs in one process (best of 3 windows), reads which library the compiled HLO really used, and prints
 Eigen's time over YNNPACK's. Importing clip_jax first sets its malloc options, so no window pays page faults.
 
-Isolated products are not the train step: on this project's 2-core box Eigen won most products alone, yet an MLP
-and attention rewritten that way (feature-major activations, custom VJPs) made the step slower
-(experiments/results/step_breakdown.md, third session).
+Isolated products are not the train step. On this project's 2-core box YNNPACK won five of the six products alone
+(Eigen most of them on one core), yet rewriting the MLP and attention so that each product went to its faster
+library alone (feature-major activations, custom VJPs) made the step slower (experiments/results/step_breakdown.md,
+third session): XLA runs a layer's input and weight gradients at the same time.
 """
 
 import argparse
@@ -92,7 +93,7 @@ def main():
     except ValueError:
         p.error(f"--shape {shape!r}: give three integers rows,width,mlp, e.g. 16640,192,768")
     if min(n, d, f) < 16:
-        p.error(f"--shape {shape!r}: each size must be at least 16 (XLA:CPU keeps dots with a size-1 or all-tiny dimension out of YNNPACK)")
+        p.error(f"--shape {shape!r}: each size must be at least 16 (tiny dots stay out of YNNPACK)")
     rng = np.random.default_rng(0)
     flops = 2 * n * d * f
     print(f"rows {n}, width {d}, mlp {f}; {len(os.sched_getaffinity(0))} core(s); load {os.getloadavg()[0]:.2f}")

@@ -29,9 +29,9 @@ of the same code (experiments/results/step_breakdown.md, third session), so `--p
 P fresh sets of workers. Use a multiple of the number of implementations for `--rounds`. Each figure is the median
 over rounds. Each round also records how many cores OTHER processes used meanwhile (/proc/stat minus our own CPU
 time): torch's threads lose far more than XLA's when another process takes a core, so only rounds on a quiet
-machine compare fairly, and those are reported separately; so are the rounds where a worker page-faulted (`--max-
-faults`). The matmul floor (a 2048^3 fp32 matmul and the model's largest product, [B*65, 192] x [192, 768]) is
-timed in JAX and torch in the same run.
+machine compare fairly, and those are reported separately; so are the rounds where a worker page-faulted
+(`--max-faults`). The matmul floor (a 2048^3 fp32 matmul and the model's largest product, [B*65, 192] x [192, 768])
+is timed in JAX and torch in the same run.
 """
 
 import argparse
