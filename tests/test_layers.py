@@ -1,6 +1,8 @@
 """Transformer layers: attention and patch embedding against independent references, the layer scan, sin-cos
 position embeddings, remat."""
 
+import functools
+
 import flax
 
 flax.config.update("flax_always_shard_variable", False)
@@ -12,7 +14,7 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from model_utils import image_tower, images, text_tower, tokens_with_eos  # noqa: E402
 
-from clip_jax.models import layers  # noqa: E402
+from clip_jax.models import attend, layers  # noqa: E402
 
 
 def test_scanned_encoder_matches_a_loop_over_layers():
@@ -81,6 +83,27 @@ def test_fused_self_attention_projection_has_the_separate_projections_gradients(
     separate = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, False)
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(separate), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,chunks", [(6, 2), (6, 3), (5, 2), (4, 8)])
+def test_attention_in_batch_chunks_has_the_plain_values_and_gradients(batch, chunks):
+    """CPU's chunked attention (models/attend.py) against one plain attend, with a per-example padding mask and a
+    shared causal one. (5, 2) falls back to one chunk (2 does not divide 5); (4, 8) to 4 chunks of one example."""
+    rng = np.random.default_rng(batch * 10 + chunks)
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, 7, 2, 8)), jnp.float32) for _ in range(3))
+    padding = jnp.asarray(np.arange(7)[None, None, None, :] < rng.integers(1, 8, (batch, 1, 1, 1)))
+    causal = jnp.tril(jnp.ones((7, 7), bool))[None, None]
+    weights = jnp.asarray(rng.normal(size=(batch, 7, 2, 8)), jnp.float32)  # a loss that sees each output's place
+    for mask in (padding, causal, None):
+
+        def loss(q, k, v, fn, mask=mask):
+            return jnp.sum(jnp.sin(fn(q, k, v, mask)) * weights)
+
+        chunked = functools.partial(attend.attend_in_batch_chunks, chunks=chunks)
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, chunked)
+        want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, attend.attend)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_patch_embedding_is_a_strided_conv():

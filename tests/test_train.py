@@ -130,6 +130,32 @@ def test_weight_decay_reaches_matrices_only():
             assert k not in decayed, k
 
 
+def test_one_device_cpu_step_alone_gets_the_concurrency_scheduler_and_computes_the_same(tmp_path):
+    """train.step_compiler_options: XLA:CPU's concurrency-optimised scheduler only for a one-device CPU step
+    without remat; that step equals the 8-device step (memory-minimising scheduler, sharded batch)."""
+    cfg = small_config(tmp_path)
+    concurrency = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+    meshes = {"one": sharding.make_mesh(cfg, jax.devices()[:1]), "eight": sharding.make_mesh(cfg)}
+    assert train.step_compiler_options(cfg, meshes["one"]) == concurrency
+    assert train.step_compiler_options(cfg, meshes["eight"]) == {}  # collectives: the memory scheduler
+    for key in ("model.remat", "model.image.remat", "model.text.remat"):
+        assert train.step_compiler_options(set_keys(small_config(tmp_path), {key: "dots"}), meshes["one"]) == {}
+    rng = np.random.default_rng(0)
+    s, L = cfg.model.image.image_size, cfg.model.text.max_len
+    batch = {
+        "image": rng.uniform(-1, 1, (cfg.batch_size, s, s, 3)).astype(np.float32),
+        "tokens": rng.integers(1, cfg.model.text.vocab_size, (cfg.batch_size, L)).astype(np.int32),
+    }
+    out = {}
+    for name, mesh in meshes.items():
+        opt = optim.make(cfg)
+        graphdef, state, shardings = train.init_state(cfg, mesh, opt)
+        new, metrics = train.compile_step(cfg, mesh, opt, graphdef, shardings)(state, sharding.put_batch(batch, mesh))
+        out[name] = jax.device_get((metrics["loss"], metrics["grad_norm"], new["params"]))
+    for a, b in zip(jax.tree.leaves(out["one"]), jax.tree.leaves(out["eight"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
 def test_bfloat16_train_step_matches_float32(tmp_path):
     """bf16 compute (fp32 parameters, fp32 loss): the same step on the same parameters and batch agrees with fp32
     to bf16 precision, and really runs in bf16 (the results are not bit-identical)."""

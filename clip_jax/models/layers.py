@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clip_jax.models import attend
+
 AXIS_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "patch", "pos", "joint", None)
 
 # name -> (width, depth, mlp_dim, num_heads), the standard ViT presets.
@@ -250,12 +252,7 @@ class Attention(nnx.Module):
             (q,), (k, v) = self._project(x_q, ("query",)), self._project(x_kv, ("key", "value"))
         # Scale q before the product so bf16 logits stay small.
         q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-        if mask is not None:
-            # A large finite value, not -inf: a fully masked row then gives a uniform average, never NaN.
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        out = attend.attention(q, k, v, mask)  # softmax in float32; on CPU in batch chunks (attend.py)
         w_out = self.out_kernel[...].astype(self.dtype)
         y = rows_matmul(out.reshape(*out.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
         return y + self.out_bias[...].astype(self.dtype)
