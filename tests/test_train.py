@@ -132,7 +132,8 @@ def test_weight_decay_reaches_matrices_only():
 
 def test_one_device_cpu_step_alone_gets_the_concurrency_scheduler_and_computes_the_same(tmp_path):
     """train.step_compiler_options: XLA:CPU's concurrency-optimised scheduler only for a one-device CPU step
-    without remat; that step equals the 8-device step (memory-minimising scheduler, sharded batch)."""
+    without remat; that step (attention in batch chunks, models/attend.py) equals the 8-device step (memory-
+    minimising scheduler, one plain attention, sharded batch)."""
     cfg = small_config(tmp_path)
     concurrency = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
     meshes = {"one": sharding.make_mesh(cfg, jax.devices()[:1]), "eight": sharding.make_mesh(cfg)}

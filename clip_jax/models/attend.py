@@ -1,14 +1,18 @@
-"""The attention core, softmax(q k^T) v, and its CPU form: the same values computed in batch chunks.
+"""The attention core, softmax(q k^T) v, and a form of it computed in batch chunks, for the CPU train step.
 
 Why chunks on CPU: XLA:CPU runs a batched product such as the scores [B*H, Q, hd] x [B*H, hd, S] on ONE thread,
 in YNNPACK and in Eigen alike (issue 18's CLIP, [768, 65, 64] x [768, 64, 65] on the project's 2-core box: 8.9 ms
 at 1.02 cores busy, while a 2-D product keeps 1.97 busy). Independent slices of the batch are independent ops,
 and XLA's thunk executor runs independent ops at the same time when the step is compiled with the
-concurrency-optimised scheduler (`train.compile_step` asks for it on a one-device CPU step). The attention's
-products and softmax then use both cores: 1.04-1.05x on that step (experiments/results/step_breakdown.md).
-Other backends run the plain core.
+concurrency-optimised scheduler. `train.compile_step` asks for both together, on a one-device CPU step without
+remat (`with batch_chunks(cpu_cores()):` around the step's tracing): 1.04-1.05x on that step, 1.14x on
+configs/tiny_cpu.py (experiments/results/step_breakdown.md). Under the default memory-minimising scheduler the
+chunks run one after another and cost ~4% (issue 18's step with remat 'dots'), so everything else runs one
+plain `attend`.
 """
 
+import contextlib
+import contextvars
 import os
 
 import jax
@@ -59,8 +63,20 @@ def attend_in_batch_chunks(q, k, v, mask=None, chunks=None):
     return jnp.stack(outs, axis=1).reshape(b, *outs[0].shape[1:])
 
 
+_CHUNKS = contextvars.ContextVar("attention_batch_chunks", default=1)
+
+
+@contextlib.contextmanager
+def batch_chunks(n: int):
+    """Within this context, `attention` traces as attend_in_batch_chunks(..., chunks=n); n=1 is the plain core."""
+    token = _CHUNKS.set(n)
+    try:
+        yield
+    finally:
+        _CHUNKS.reset(token)
+
+
 def attention(q, k, v, mask=None):
-    """`attend` on every backend; on CPU in batch chunks (attend_in_batch_chunks), chosen when XLA compiles."""
-    if mask is None:
-        return jax.lax.platform_dependent(q, k, v, cpu=attend_in_batch_chunks, default=attend)
-    return jax.lax.platform_dependent(q, k, v, mask, cpu=attend_in_batch_chunks, default=attend)
+    """The layers' attention core: `attend`, or attend_in_batch_chunks inside `batch_chunks(n > 1)`."""
+    n = _CHUNKS.get()
+    return attend(q, k, v, mask) if n == 1 else attend_in_batch_chunks(q, k, v, mask, chunks=n)

@@ -252,7 +252,7 @@ class Attention(nnx.Module):
             (q,), (k, v) = self._project(x_q, ("query",)), self._project(x_kv, ("key", "value"))
         # Scale q before the product so bf16 logits stay small.
         q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        out = attend.attention(q, k, v, mask)  # softmax in float32; on CPU in batch chunks (attend.py)
+        out = attend.attention(q, k, v, mask)  # softmax in float32; batch chunks in the CPU step (attend.py)
         w_out = self.out_kernel[...].astype(self.dtype)
         y = rows_matmul(out.reshape(*out.shape[:2], -1), w_out.reshape(-1, w_out.shape[-1]))
         return y + self.out_bias[...].astype(self.dtype)
