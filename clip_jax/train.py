@@ -14,12 +14,13 @@ import optax
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, step_log, warm_start
+from clip_jax import config_checks, console, grad_cache, losses, nan_policy, optim, sharding, step_log, step_options
+from clip_jax import warm_start
 from clip_jax import noise_scale as noise_lib
 from clip_jax import target as target_lib
 from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import ops, pipeline, preflight
-from clip_jax.models import attend, two_tower
+from clip_jax.models import attend
 from clip_jax.models.families import FAMILIES
 from clip_jax.preemption import Preemption
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
@@ -133,30 +134,13 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
     return new_state, metrics
 
 
-def step_compiler_options(cfg, mesh) -> dict:
-    """XLA options for the train step: the concurrency-optimised scheduler on a one-device CPU step without remat,
-    else none (XLA's defaults, with the memory-minimising CPU scheduler clip_jax/__init__.py sets per process).
-
-    Why: XLA:CPU's thunk executor runs independent ops of a step at the same time only when the schedule leaves
-    them independent, and compile_step then traces the attention in batch chunks for exactly that
-    (models/attend.py): 1.04-1.05x on issue 18's CLIP step (experiments/results/step_breakdown.md). The schedule also holds more buffers at once
-    (that step's temporary buffer: 1.64 -> 2.0 GiB), so it is not used where memory was asked for (any remat
-    policy), nor with more than one device, where two collectives of one step could start in different orders on
-    different devices and deadlock (clip_jax/__init__.py).
-    """
-    remat = {two_tower.tower_remat(cfg.model, tower) for tower in ("image", "text")}
-    if mesh.devices.size != 1 or mesh.devices.flat[0].platform != "cpu" or remat != {"none"}:
-        return {}
-    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
-
-
 def compile_step(cfg, mesh, opt, graphdef, shardings):
     """The train step jitted once, with explicit shardings, the old state's buffers donated to the new one and
-    step_compiler_options; with the concurrency-optimised scheduler, the attention traces in one batch chunk per
-    CPU core (models/attend.py), so the chunks' single-threaded products run side by side."""
+    step_options.compiler_options; with the concurrency-optimised scheduler, the attention traces in one batch
+    chunk per CPU core (models/attend.py), so the chunks' single-threaded products run side by side."""
     batch_sh = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
-    options = step_compiler_options(cfg, mesh)
-    chunks = attend.cpu_cores() if options else 1
+    options = step_options.compiler_options(cfg, mesh)
+    chunks = step_options.attention_chunks(options)
 
     def step(state, batch):
         with attend.batch_chunks(chunks):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import optim, sharding, train
+from clip_jax import optim, sharding, step_options, train
 from clip_jax import state as run_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -131,16 +131,18 @@ def test_weight_decay_reaches_matrices_only():
 
 
 def test_one_device_cpu_step_alone_gets_the_concurrency_scheduler_and_computes_the_same(tmp_path):
-    """train.step_compiler_options: XLA:CPU's concurrency-optimised scheduler only for a one-device CPU step
+    """step_options.compiler_options: XLA:CPU's concurrency-optimised scheduler only for a one-device CPU step
     without remat; that step (attention in batch chunks, models/attend.py) equals the 8-device step (memory-
     minimising scheduler, one plain attention, sharded batch)."""
     cfg = small_config(tmp_path)
-    concurrency = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+    concurrency = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}  # XLA's own enum name
     meshes = {"one": sharding.make_mesh(cfg, jax.devices()[:1]), "eight": sharding.make_mesh(cfg)}
-    assert train.step_compiler_options(cfg, meshes["one"]) == concurrency
-    assert train.step_compiler_options(cfg, meshes["eight"]) == {}  # collectives: the memory scheduler
+    assert step_options.compiler_options(cfg, meshes["one"]) == concurrency
+    assert step_options.compiler_options(cfg, meshes["eight"]) == {}  # collectives: the memory scheduler
     for key in ("model.remat", "model.image.remat", "model.text.remat"):
-        assert train.step_compiler_options(set_keys(small_config(tmp_path), {key: "dots"}), meshes["one"]) == {}
+        assert step_options.compiler_options(set_keys(small_config(tmp_path), {key: "dots"}), meshes["one"]) == {}
+    assert step_options.attention_chunks(concurrency) == len(os.sched_getaffinity(0))  # one per core
+    assert step_options.attention_chunks({}) == 1
     rng = np.random.default_rng(0)
     s, L = cfg.model.image.image_size, cfg.model.text.max_len
     batch = {
