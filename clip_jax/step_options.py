@@ -14,20 +14,26 @@ def compiler_options(cfg, mesh) -> dict:
     them independent, and train.compile_step then traces the attention in batch chunks for exactly that
     (models/attend.py): 1.04x on issue 18's CLIP step, 1.14x on configs/tiny_cpu.py (paired A/B,
     experiments/results/step_breakdown.md). The schedule also holds more buffers at once (that step's temporary
-    buffer: 1.64 -> 2.01 GiB), so it is not used where memory was asked for (any remat policy), nor with more than
-    one device, where two collectives of one step could start in different orders on different devices and
-    deadlock (clip_jax/__init__.py).
+    buffer: 1.64 -> 2.01 GiB), so it is not used where memory was asked for (any remat policy, or GradCache's
+    accum_steps > 1), nor with more than one device, where two collectives of one step could start in different
+    orders on different devices and deadlock (clip_jax/__init__.py).
 
-    cfg: the run config (model.remat, model.image.remat, model.text.remat); mesh: the step's jax Mesh. Returns a
-    dict for jax.jit's compiler_options (empty: XLA's defaults).
+    cfg: the run config (model.remat, model.image.remat, model.text.remat, accum_steps); mesh: the step's jax
+    Mesh. Returns a dict for jax.jit's compiler_options (empty: XLA's defaults).
     """
     remat = {two_tower.tower_remat(cfg.model, tower) for tower in ("image", "text")}
-    if mesh.devices.size != 1 or mesh.devices.flat[0].platform != "cpu" or remat != {"none"}:
+    memory_asked = remat != {"none"} or cfg.accum_steps > 1
+    if mesh.devices.size != 1 or mesh.devices.flat[0].platform != "cpu" or memory_asked:
         return {}
     return dict(CONCURRENCY)
 
 
+MAX_CHUNKS = 8  # each chunk is one more copy of every attention op to compile: 64 chunks made tiny_cpu's step
+# compile in 25 s against 7 s for 2 (measured by patching the core count on the 2-core box)
+
+
 def attention_chunks(options: dict) -> int:
-    """Batch chunks for the step's attention: one per CPU core under the concurrency-optimised scheduler (which runs
-    them side by side), else 1 (under the memory-minimising one they would run in turn, ~4% slower)."""
-    return attend.cpu_cores() if options == CONCURRENCY else 1
+    """Batch chunks for the step's attention: one per CPU core, at most MAX_CHUNKS, under the concurrency-optimised
+    scheduler (which runs them side by side), else 1 (under the memory-minimising one they would run in turn, ~4%
+    slower). The speed-up was measured with 2 chunks on 2 cores only."""
+    return min(attend.cpu_cores(), MAX_CHUNKS) if options == CONCURRENCY else 1

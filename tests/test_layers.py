@@ -106,6 +106,15 @@ def test_attention_in_batch_chunks_has_the_plain_values_and_gradients(batch, chu
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_batch_chunks_below_one_are_refused():
+    q = jnp.zeros((4, 3, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="chunks = 0"):
+        attend.attend_in_batch_chunks(q, q, q, chunks=0)
+    with pytest.raises(ValueError, match="chunks = -1"), attend.batch_chunks(-1):
+        pass
+    assert attend.attend_in_batch_chunks(q[:0], q[:0], q[:0], chunks=2).shape == (0, 3, 2, 8)  # empty batch
+
+
 def test_patch_embedding_is_a_strided_conv():
     tower, x = image_tower().module, images()
     w = tower.patch_embed.kernel[...].reshape(4, 4, 3, -1)  # (row, col, channel) flattening = HWIO kernel

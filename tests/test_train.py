@@ -1,5 +1,6 @@
 """End-to-end training on the embedded shapes data, checkpoints and exact resume, on 8 simulated devices."""
 
+import functools
 import os
 import sys
 
@@ -9,9 +10,11 @@ import pytest
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import optim, sharding, step_options, train
+from clip_jax.models import attend
 from clip_jax import state as run_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import coca_tiny  # noqa: E402
 import tiny_cpu
 from run_configs import set_keys
 
@@ -141,7 +144,9 @@ def test_one_device_cpu_step_alone_gets_the_concurrency_scheduler_and_computes_t
     assert step_options.compiler_options(cfg, meshes["eight"]) == {}  # collectives: the memory scheduler
     for key in ("model.remat", "model.image.remat", "model.text.remat"):
         assert step_options.compiler_options(set_keys(small_config(tmp_path), {key: "dots"}), meshes["one"]) == {}
-    assert step_options.attention_chunks(concurrency) == len(os.sched_getaffinity(0))  # one per core
+    assert step_options.attention_chunks(concurrency) == min(attend.cpu_cores(), step_options.MAX_CHUNKS)
+    accum = set_keys(small_config(tmp_path), {"accum_steps": 2})  # GradCache asked for memory
+    assert step_options.compiler_options(accum, meshes["one"]) == {}
     assert step_options.attention_chunks({}) == 1
     rng = np.random.default_rng(0)
     s, L = cfg.model.image.image_size, cfg.model.text.max_len
@@ -153,10 +158,42 @@ def test_one_device_cpu_step_alone_gets_the_concurrency_scheduler_and_computes_t
     for name, mesh in meshes.items():
         opt = optim.make(cfg)
         graphdef, state, shardings = train.init_state(cfg, mesh, opt)
-        new, metrics = train.compile_step(cfg, mesh, opt, graphdef, shardings)(state, sharding.put_batch(batch, mesh))
+        step = train.compile_step(cfg, mesh, opt, graphdef, shardings)
+        new, metrics = step(state, sharding.put_batch(batch, mesh))
         out[name] = jax.device_get((metrics["loss"], metrics["grad_norm"], new["params"]))
     for a, b in zip(jax.tree.leaves(out["one"]), jax.tree.leaves(out["eight"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["coca", "siglip_map"])
+def test_one_device_chunked_step_matches_the_plain_step_for_masks_and_poolers(family):
+    """The one-device CPU step (attention in batch chunks) against the same step jitted without chunks or compiler
+    options: CoCa (causal self-attention, cross-attention, attentional poolers) and a SigLIP tower pair with a MAP
+    head and a per-example padding mask; batch 6, so each of 2 or 3 chunks holds several examples."""
+    cfg = coca_tiny.get_config() if family == "coca" else tiny_cpu.get_config("sigmoid")
+    if family == "siglip_map":
+        cfg.model.image.pool, cfg.model.text.causal, cfg.model.text.pool = "map", False, "last"
+    cfg.model.image.depth = cfg.model.text.depth = 1
+    cfg.batch_size, cfg.optim.warmup_steps = 6, 2
+    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+    rng = np.random.default_rng(1)
+    s, L = cfg.model.image.image_size, cfg.model.text.max_len
+    tokens = rng.integers(3, cfg.model.text.vocab_size, (6, L)).astype(np.int32)
+    for row, n in zip(tokens, [2, 3, L, 4, 5, L - 1], strict=True):  # different padding per example
+        row[n - 1], row[n:] = cfg.model.text.eos_id, cfg.model.text.pad_id
+    batch = {"image": rng.integers(0, 256, (6, s, s, 3)).astype(np.uint8), "tokens": tokens}
+    out = {}
+    for name in ("chunked", "plain"):
+        opt = optim.make(cfg)
+        graphdef, state, shardings = train.init_state(cfg, mesh, opt)
+        if name == "chunked":
+            step = train.compile_step(cfg, mesh, opt, graphdef, shardings)
+        else:
+            step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, opt=opt, cfg=cfg, mesh=mesh))
+        _, metrics = step(state, sharding.put_batch(batch, mesh))
+        out[name] = jax.device_get((metrics["loss"], metrics["grad_norm"]))
+    assert step_options.attention_chunks(step_options.compiler_options(cfg, mesh)) >= 2 or attend.cpu_cores() == 1
+    np.testing.assert_allclose(out["chunked"], out["plain"], rtol=1e-5)
 
 
 def test_bfloat16_train_step_matches_float32(tmp_path):

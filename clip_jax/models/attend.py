@@ -5,7 +5,7 @@ in YNNPACK and in Eigen alike (issue 18's CLIP, [768, 65, 64] x [768, 64, 65] on
 at 1.02 cores busy, while a 2-D product keeps 1.97 busy). Independent slices of the batch are independent ops,
 and XLA's thunk executor runs independent ops at the same time when the step is compiled with the
 concurrency-optimised scheduler. `train.compile_step` asks for both together, on a one-device CPU step without
-remat (`with batch_chunks(cpu_cores()):` around the step's tracing): 1.04-1.05x on that step, 1.14x on
+remat (`with batch_chunks(n):` around the step's tracing): 1.04x on that step, 1.14x on
 configs/tiny_cpu.py (experiments/results/step_breakdown.md). Under the default memory-minimising scheduler the
 chunks run one after another and cost ~4% (issue 18's step with remat 'dots'), so everything else runs one
 plain `attend`.
@@ -43,11 +43,15 @@ def attend_in_batch_chunks(q, k, v, mask=None, chunks=None):
     chunk i % chunks), reassembled in order: the same values (see the module docstring for why).
 
     chunks defaults to cpu_cores(); it drops to the largest divisor of B not above it, and 1 means one plain
-    `attend`. Interleaving keeps a batch sharded over devices sharded: the slices index a new minor axis, never
-    the sharded one.
+    `attend`. A mask whose leading axis is the batch (4-D, [B, ...]) is split with the batch; any other mask is
+    shared. Interleaving would keep a batch sharded over devices sharded when each device's share divides by
+    `chunks` (the slices index a new minor axis), but the train step chunks only on one device.
+    Raises ValueError for chunks < 1.
     """
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"attention batch chunks = {chunks}; use 1 (no chunks) or more")
     b = q.shape[0]
-    n = min(chunks or cpu_cores(), b)
+    n = max(1, min(chunks or cpu_cores(), b))
     while b % n:
         n -= 1
     if n == 1:
@@ -57,9 +61,8 @@ def attend_in_batch_chunks(q, k, v, mask=None, chunks=None):
         return None if x is None else x.reshape(b // n, n, *x.shape[1:])[:, i]
 
     per_example_mask = mask is not None and mask.ndim == 4 and mask.shape[0] == b
-    outs = [
-        attend(chunk(q, i), chunk(k, i), chunk(v, i), chunk(mask, i) if per_example_mask else mask) for i in range(n)
-    ]
+    masks = [chunk(mask, i) if per_example_mask else mask for i in range(n)]
+    outs = [attend(chunk(q, i), chunk(k, i), chunk(v, i), masks[i]) for i in range(n)]
     return jnp.stack(outs, axis=1).reshape(b, *outs[0].shape[1:])
 
 
@@ -68,7 +71,10 @@ _CHUNKS = contextvars.ContextVar("attention_batch_chunks", default=1)
 
 @contextlib.contextmanager
 def batch_chunks(n: int):
-    """Within this context, `attention` traces as attend_in_batch_chunks(..., chunks=n); n=1 is the plain core."""
+    """Within this context, `attention` traces as attend_in_batch_chunks(..., chunks=n); n=1 is the plain core.
+    Raises ValueError for n < 1."""
+    if n < 1:
+        raise ValueError(f"attention batch chunks = {n}; use 1 (no chunks) or more")
     token = _CHUNKS.set(n)
     try:
         yield
