@@ -137,7 +137,8 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
 def compile_step(cfg, mesh, opt, graphdef, shardings):
     """The train step jitted once, with explicit shardings, the old state's buffers donated to the new one and
     step_options.compiler_options; with the concurrency-optimised scheduler, the attention traces in one batch
-    chunk per CPU core (models/attend.py), so the chunks' single-threaded products run side by side."""
+    chunk per CPU core, at most 8 (step_options.attention_chunks, models/attend.py), so the chunks'
+    single-threaded products run side by side."""
     batch_sh = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
     options = step_options.compiler_options(cfg, mesh)
     chunks = step_options.attention_chunks(options)
