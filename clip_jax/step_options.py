@@ -1,6 +1,8 @@
 """How train.compile_step compiles the train step for its backend: XLA compiler options, and the attention's batch
 chunks that go with them (models/attend.py)."""
 
+import jax
+
 from clip_jax.models import attend, two_tower
 
 CONCURRENCY = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
@@ -37,3 +39,17 @@ def attention_chunks(options: dict) -> int:
     scheduler (which runs them side by side), else 1 (under the memory-minimising one they would run in turn, ~4%
     slower). The speed-up was measured with 2 chunks on 2 cores only."""
     return min(attend.cpu_cores(), MAX_CHUNKS) if options == CONCURRENCY else 1
+
+
+def jit(step, cfg, mesh, **jit_kwargs):
+    """jax.jit(step, **jit_kwargs) with compiler_options(cfg, mesh), and the step traced inside
+    attend.batch_chunks(attention_chunks(...)): with the concurrency-optimised scheduler the attention runs in one
+    batch chunk per CPU core (at most MAX_CHUNKS), so the chunks' single-threaded products run side by side."""
+    options = compiler_options(cfg, mesh)
+    chunks = attention_chunks(options)
+
+    def chunked(*args):
+        with attend.batch_chunks(chunks):
+            return step(*args)
+
+    return jax.jit(chunked, compiler_options=options, **jit_kwargs)

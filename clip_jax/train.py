@@ -20,7 +20,6 @@ from clip_jax import noise_scale as noise_lib
 from clip_jax import target as target_lib
 from clip_jax.evaluate import suite as eval_suite
 from clip_jax.input import ops, pipeline, preflight
-from clip_jax.models import attend
 from clip_jax.models.families import FAMILIES
 from clip_jax.preemption import Preemption
 from clip_jax.state import TrainingError, build_model, init_state, state_shardings  # noqa: F401  (train's API)
@@ -135,24 +134,17 @@ def train_step(state, batch, *, graphdef, opt, cfg, mesh):
 
 
 def compile_step(cfg, mesh, opt, graphdef, shardings):
-    """The train step jitted once, with explicit shardings, the old state's buffers donated to the new one and
-    step_options.compiler_options; with the concurrency-optimised scheduler, the attention traces in one batch
-    chunk per CPU core, at most 8 (step_options.attention_chunks, models/attend.py), so the chunks'
-    single-threaded products run side by side."""
+    """The train step jitted once, with explicit shardings, the old state's buffers donated to the new one and the
+    backend's compile choices (step_options.jit: on a one-device CPU step, batch-chunked attention)."""
     batch_sh = {"image": sharding.batch_sharding(mesh), "tokens": sharding.batch_sharding(mesh)}
-    options = step_options.compiler_options(cfg, mesh)
-    chunks = step_options.attention_chunks(options)
-
-    def step(state, batch):
-        with attend.batch_chunks(chunks):
-            return train_step(state, batch, graphdef=graphdef, opt=opt, cfg=cfg, mesh=mesh)
-
-    return jax.jit(
+    step = functools.partial(train_step, graphdef=graphdef, opt=opt, cfg=cfg, mesh=mesh)
+    return step_options.jit(
         step,
+        cfg,
+        mesh,
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
-        compiler_options=options,
     )
 
 
